@@ -1,0 +1,17 @@
+// fastpref._C: the Python module that carries the native kernels.
+//
+// Each kernel file registers its raw ops into the `fastpref_C` torch library with
+// TORCH_LIBRARY_FRAGMENT; importing this module runs those registrations. The public,
+// differentiable ops (`torch.ops.fastpref.*`) are defined in Python in fastpref/ops/.
+#include <torch/extension.h>
+
+TORCH_LIBRARY(fastpref_C, m) {}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastpref native kernels (registered as torch.ops.fastpref_C.*)";
+#ifdef FASTPREF_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

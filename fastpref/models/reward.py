@@ -1,0 +1,85 @@
+"""A scalar reward head for ``--loss rm`` (Bradley–Terry reward modelling).
+
+The reward of a sequence is the head's value at its last real (non-padding) token, as in
+InstructGPT / DeepSpeed-Chat. Decoder models (``...ForSequenceClassification`` with a ``score``
+head) are pooled here from the backbone's hidden states, so the result does not depend on the
+padding side or on ``pad_token_id``; other models pool themselves (e.g. an encoder's CLS token).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastpref.models.causal_lm import (
+    _bundled_config,
+    _version_kwargs,
+    attention_implementation,
+    backbone,
+    check_model_path,
+)
+
+__all__ = ["RewardScorer", "build_or_load_reward_model"]
+
+
+def build_or_load_reward_model(
+    path: str | None,
+    *,
+    vocab_size: int,
+    pad_token_id: int,
+    seed: int,
+    attn: str = "auto",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """``AutoModelForSequenceClassification`` with ``num_labels=1`` at ``path`` (a causal-LM
+    checkpoint gets a freshly initialised head), or the bundled tiny Llama built with ``seed``."""
+    from transformers import AutoModelForSequenceClassification
+
+    attn = attention_implementation(attn)
+    if path is not None:
+        check_model_path(path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=1,
+            attn_implementation=attn,
+            trust_remote_code=trust_remote_code,
+            **_version_kwargs(dtype),
+        )
+    else:
+        config = _bundled_config(vocab_size, num_labels=1, attn_implementation=attn)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_config(config)
+        model = model.to(dtype) if dtype is not None else model
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+class RewardScorer(nn.Module):
+    """``forward(input_ids, attention_mask, labels=None) -> (reward [N], tokens [N])``.
+
+    reward_n = head(h_n[last real token]); equals ``model(...).logits[:, 0]`` of a Hugging Face
+    sequence-classification model with right padding. ``tokens`` counts the attended tokens.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        tokens = attention_mask.sum(-1)
+        head = getattr(self.model, "score", None)
+        if head is None:  # encoders and models that pool for themselves
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            return out.logits[:, 0].float(), tokens.float()
+        hidden = backbone(self.model)(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # [N, T, D]
+        # last attended position, robust to either padding side
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask * positions).argmax(-1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [N, D]
+        return head(pooled)[:, 0].float(), tokens.float()

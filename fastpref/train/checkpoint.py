@@ -1,0 +1,95 @@
+"""DeepSpeed checkpoints that are never half-written when they become the latest.
+
+Layout under ``<output_dir>/checkpoints``: ``step_000040/`` (a complete DeepSpeed checkpoint) and
+``latest`` (a text file naming it). A save goes to ``step_N.partial`` on every rank, then rank 0
+renames the directory and only then replaces ``latest`` (write to a temporary file, ``os.replace``,
+both atomic on POSIX). A process killed at any moment leaves ``latest`` naming a complete
+checkpoint; ``*.partial`` leftovers are ignored and removed by the next save. Older complete
+checkpoints beyond ``keep`` are deleted only after the new one is the latest.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def latest_checkpoint(ckpt_dir: Path) -> str | None:
+    """The tag named by ``latest`` if that checkpoint directory exists, else None."""
+    latest = Path(ckpt_dir) / "latest"
+    if not latest.exists():
+        return None
+    tag = latest.read_text().strip()
+    return tag if (Path(ckpt_dir) / tag).is_dir() else None
+
+
+def save_checkpoint(
+    engine, ckpt_dir: Path, step: int, client_state: dict, *, keep: int, rank: int
+) -> str:
+    ckpt_dir = Path(ckpt_dir)
+    tag = f"step_{step:06d}"
+    partial = f"{tag}.partial"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(ckpt_dir / partial, ignore_errors=True)
+    _barrier()
+    # per-rank RNG states travel in the per-rank client state (DeepSpeed saves rank 0's only, so
+    # each rank also writes its own small file)
+    engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), ckpt_dir / partial / f"rng_rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        os.replace(ckpt_dir / partial, ckpt_dir / tag)
+        tmp = ckpt_dir / "latest.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt_dir / "latest")
+        complete = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and "." not in p.name)
+        for old in complete[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in ckpt_dir.glob("step_*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    return tag
+
+
+def load_checkpoint(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:
+    """Load weights, optimizer, scheduler and this rank's RNG; returns the client state."""
+    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if client_state is None:
+        raise RuntimeError(f"could not load checkpoint {ckpt_dir / tag}")
+    rng_file = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state

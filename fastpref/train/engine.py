@@ -1,0 +1,133 @@
+"""Process group, DeepSpeed config and engine, learning-rate schedule.
+
+One process (plain ``fastpref-train``) gets a one-rank process group of its own; ``torchrun`` and
+the ``deepspeed`` launcher set ``RANK``/``WORLD_SIZE``/``MASTER_*`` and we join theirs. CPU runs
+use DeepSpeed's CPU accelerator and gloo; GPU runs use nccl — nothing else changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastpref.train.config import ConfigError, TrainConfig
+
+__all__ = ["init_distributed", "deepspeed_config", "make_engine", "lr_lambda"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join (or create) the process group; returns ``(rank, world_size)``."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:  # a single process started without a launcher
+            os.environ.update(
+                RANK="0",
+                LOCAL_RANK="0",
+                WORLD_SIZE="1",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(_free_port()),
+            )
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config: ``--deepspeed`` file with its ``"auto"`` values filled from flags,
+    or one built from the flags."""
+    from_flags: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "bf16": {"enabled": cfg.bf16},
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.offload:
+        zero = from_flags["zero_optimization"]
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    if cfg.deepspeed is None:
+        return from_flags
+    try:
+        with open(cfg.deepspeed) as f:
+            ds = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--deepspeed {cfg.deepspeed}: cannot read a JSON config ({e})") from e
+
+    def fill(node: Any, default: Any) -> Any:
+        if node == "auto":
+            return default
+        if isinstance(node, dict) and isinstance(default, dict):
+            return {k: fill(v, default.get(k)) for k, v in node.items()}
+        return node
+
+    ds = fill(ds, from_flags)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "steps_per_print"):
+        ds.setdefault(key, from_flags[key])
+    ds.pop("train_batch_size", None)  # DeepSpeed derives it; a stale value would only conflict
+    return ds
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Linear warmup from 0 over ``warmup_ratio`` of the steps, then cosine/linear to 0."""
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_engine(model: nn.Module, cfg: TrainConfig, lr: float, total_steps: int, world_size: int):
+    """``deepspeed.initialize`` with AdamW and our schedule unless the JSON config names its own."""
+    import deepspeed
+
+    ds = deepspeed_config(cfg, world_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = scheduler = None
+    if "optimizer" not in ds:
+        optimizer = torch.optim.AdamW(
+            params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+        )
+    if "scheduler" not in ds and optimizer is not None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=params if optimizer is None else None,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=ds,
+    )
+    return engine, scheduler

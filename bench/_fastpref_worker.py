@@ -1,0 +1,48 @@
+"""Worker for bench_train.py: run ``fastpref-train`` in this process and time its reference pass.
+
+``python bench/_fastpref_worker.py RESULT.json -- <fastpref-train flags>`` is the console script
+``fastpref-train <flags>`` (both call ``fastpref.cli.train.main``), plus one timer around the
+reference-log-prob precompute, so the benchmark can count it in full. Step times come from the
+trainer's own ``metrics.jsonl`` (``tokens / tokens/s`` of each step).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    out, sep, *argv = sys.argv[1:]
+    assert sep == "--", "usage: _fastpref_worker.py RESULT.json -- <fastpref-train flags>"
+    result: dict[str, object] = {"precompute_s": []}
+    try:
+        import fastpref.train.loop as loop
+
+        original = loop.compute_reference_table
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            table = original(*args, **kwargs)
+            result["precompute_s"].append(time.perf_counter() - start)  # type: ignore[union-attr]
+            return table
+
+        loop.compute_reference_table = timed
+    except (ImportError, AttributeError) as e:
+        result["precompute_s"] = None
+        result["precompute_timer_error"] = repr(e)
+
+    from fastpref.cli.train import main as cli_main
+
+    start = time.perf_counter()
+    rc = cli_main(argv)
+    result["train_call_s"] = time.perf_counter() - start
+    result["rc"] = rc
+    Path(out).write_text(json.dumps(result, indent=2))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

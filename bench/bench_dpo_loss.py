@@ -1,0 +1,272 @@
+"""Op level: policy and reference hidden states -> DPO loss, forward + backward (issue 7).
+
+Contenders, on the same float32 inputs (P pairs = 2P sequences of T tokens, the first half of
+each sequence prompt with label -100; hidden D; vocabulary V; beta = 0.1; the policy has
+gradients in its hidden states and lm_head weight, the reference runs without gradients):
+
+- ``fastpref``: ``fastpref.sequence_logprobs`` for the policy (with grad) and the reference
+  (under ``no_grad``), then the ``dpo`` objective of ``fastpref.losses``.
+- ``liger`` / ``liger_compiled``: ``liger_kernel.chunked_loss.LigerFusedLinearDPOLoss`` with
+  ``compiled=False`` / ``True`` (pure PyTorch, chunked one pair at a time; the reference goes
+  through the same call).
+- ``eager``: plain PyTorch that materialises the [2P, T, V] logits and ``log_softmax`` of both.
+
+Time: pytest-benchmark, in this process. Memory: every contender in a fresh subprocess (this
+file run as a script), the peak resident set above the resident set just before one
+steady-state call (after a warm-up call, so compilation is not counted), sampled every 0.5 ms,
+with glibc's mmap threshold pinned so freed tensors leave the resident set. Agreement: loss and
+both gradients of every contender against ``eager``.
+
+    flock /tmp/fastpref-bench.lock pytest bench/bench_dpo_loss.py
+    FASTPREF_BENCH_QUICK=1 pytest bench/bench_dpo_loss.py     # tiny shapes, smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _common import MALLOC_ENV, QUICK, RssPeak, hardware, python_worker, run_child
+
+BETA = 0.1
+if QUICK:
+    PAIRS, T, D, VOCABS = 2, 64, 32, (1000,)
+else:
+    PAIRS, T, D, VOCABS = 4, 512, 512, (32000, 128256)
+PROMPT = T // 2
+CONTENDERS = ("eager", "liger", "liger_compiled", "fastpref")
+ROUNDS = 2 if QUICK else 3
+
+# Tolerances against eager float32: the contenders sum the same float32 terms in another order
+# (chunks, tiles), so the loss agrees to float32 rounding of a sum over ~2k tokens, and every
+# gradient element to a small fraction of the largest one.
+LOSS_ATOL = 1e-4
+GRAD_RTOL_OF_MAX = 1e-4
+
+
+@dataclass
+class Inputs:
+    hidden: torch.Tensor  # [2P, T, D] policy, chosen rows first, requires grad
+    weight: torch.Tensor  # [V, D] policy lm_head, requires grad
+    ref_hidden: torch.Tensor  # [2P, T, D]
+    ref_weight: torch.Tensor  # [V, D]
+    labels: torch.Tensor  # [2P, T], -100 on the prompt half
+
+
+def make_inputs(vocab: int, seed: int = 0) -> Inputs:
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * PAIRS
+    hidden = torch.randn(n, T, D, generator=g)
+    weight = torch.randn(vocab, D, generator=g) * D**-0.5
+    # The reference is the policy a few updates ago: close, not equal, so the loss is not ln 2.
+    ref_hidden = hidden + 0.05 * torch.randn(n, T, D, generator=g)
+    ref_weight = weight + 0.05 * D**-0.5 * torch.randn(vocab, D, generator=g)
+    labels = torch.randint(0, vocab, (n, T), generator=g)
+    labels[:, :PROMPT] = -100
+    return Inputs(hidden.requires_grad_(), weight.requires_grad_(), ref_hidden, ref_weight, labels)
+
+
+def _eager_seq_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
+    logits = hidden @ weight.T  # [2P, T, V], materialised
+    logp = logits.float().log_softmax(-1)
+    mask = labels != -100
+    tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * mask).sum(-1)
+
+
+def run_eager(x: Inputs) -> torch.Tensor:
+    pol = _eager_seq_logps(x.hidden, x.weight, x.labels)
+    with torch.no_grad():
+        ref = _eager_seq_logps(x.ref_hidden, x.ref_weight, x.labels)
+    margin = (pol[:PAIRS] - ref[:PAIRS]) - (pol[PAIRS:] - ref[PAIRS:])
+    loss = -F.logsigmoid(BETA * margin).mean()
+    loss.backward()
+    return loss.detach()
+
+
+def _liger(compiled: bool):
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    fn = LigerFusedLinearDPOLoss(
+        beta=BETA, compiled=compiled, use_ref_model=True, average_log_prob=False
+    )
+
+    def run(x: Inputs) -> torch.Tensor:
+        loss = fn(x.weight, x.hidden, x.labels, ref_input=x.ref_hidden, ref_weight=x.ref_weight)[0]
+        loss.backward()
+        return loss.detach()
+
+    return run
+
+
+def run_fastpref(x: Inputs) -> torch.Tensor:
+    from fastpref import sequence_logprobs
+    from fastpref.losses import get_loss
+    from fastpref.losses.types import PairLogps
+
+    pol = sequence_logprobs(x.hidden, x.weight, x.labels)
+    with torch.no_grad():
+        ref = sequence_logprobs(x.ref_hidden, x.ref_weight, x.labels)
+    tokens = (x.labels != -100).sum(-1).float()
+    inputs = PairLogps(
+        chosen=pol[:PAIRS],
+        rejected=pol[PAIRS:],
+        chosen_tokens=tokens[:PAIRS],
+        rejected_tokens=tokens[PAIRS:],
+        ref_chosen=ref[:PAIRS],
+        ref_rejected=ref[PAIRS:],
+    )
+    loss, _ = get_loss("dpo").fn(inputs, beta=BETA)
+    loss.backward()
+    return loss.detach()
+
+
+def contender(name: str):
+    return {
+        "eager": run_eager,
+        "liger": _liger(compiled=False),
+        "liger_compiled": _liger(compiled=True),
+        "fastpref": run_fastpref,
+    }[name]
+
+
+def _zero_grads(x: Inputs) -> None:
+    x.hidden.grad = None
+    x.weight.grad = None
+
+
+def _result(x: Inputs, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"loss": loss, "d_hidden": x.hidden.grad.clone(), "d_weight": x.weight.grad.clone()}
+
+
+# -- pytest-benchmark ---------------------------------------------------------------------------
+
+
+def _fastpref_ready() -> bool:
+    try:
+        from fastpref import sequence_logprobs  # noqa: F401
+        from fastpref.losses import get_loss  # noqa: F401
+        from fastpref.losses.types import PairLogps  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_INPUTS: dict[int, Inputs] = {}
+_EAGER: dict[int, dict[str, torch.Tensor]] = {}
+
+
+def _inputs(vocab: int) -> Inputs:
+    if vocab not in _INPUTS:
+        _INPUTS.clear()  # one vocabulary's inputs at a time (128k weights are 260 MB each)
+        _EAGER.clear()
+        _INPUTS[vocab] = make_inputs(vocab)
+    return _INPUTS[vocab]
+
+
+def _eager_result(vocab: int) -> dict[str, torch.Tensor]:
+    if vocab not in _EAGER:
+        x = _inputs(vocab)
+        _zero_grads(x)
+        _EAGER[vocab] = _result(x, run_eager(x))
+        _zero_grads(x)
+    return _EAGER[vocab]
+
+
+def check_agreement(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict:
+    errs = {"loss_abs_err": (got["loss"] - want["loss"]).abs().item()}
+    for k in ("d_hidden", "d_weight"):
+        scale = want[k].abs().max().item()
+        errs[f"{k}_max_err_over_max"] = (got[k] - want[k]).abs().max().item() / scale
+    assert errs["loss_abs_err"] <= LOSS_ATOL, errs
+    for k in ("d_hidden", "d_weight"):
+        assert errs[f"{k}_max_err_over_max"] <= GRAD_RTOL_OF_MAX, errs
+    return errs
+
+
+def measure_memory(name: str, vocab: int) -> dict[str, float]:
+    """Peak RSS above the pre-call baseline of one steady-state call, in a fresh process."""
+    run = run_child(
+        python_worker("bench_dpo_loss.py", "--memory", name, "--vocab", str(vocab)),
+        env={**MALLOC_ENV, **({"FASTPREF_BENCH_QUICK": "1"} if QUICK else {})},
+        timeout=1200,
+    ).check()
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out["process_peak_rss_mb"] = run.peak_rss_mb
+    return out
+
+
+@pytest.mark.parametrize("name", CONTENDERS)
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_dpo_loss(benchmark, name: str, vocab: int) -> None:
+    if name == "fastpref" and not _fastpref_ready():
+        pytest.skip("fastpref.sequence_logprobs or fastpref.losses.get_loss has not landed yet")
+    if name.startswith("liger"):
+        pytest.importorskip("liger_kernel", reason="pip install -e '.[bench]'")
+    x = _inputs(vocab)
+    want = _eager_result(vocab)
+    fn = contender(name)
+
+    def setup():
+        _zero_grads(x)
+        return (x,), {}
+
+    benchmark.group = f"dpo_loss V={vocab}"
+    loss = benchmark.pedantic(fn, setup=setup, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    errs = check_agreement(_result(x, loss), want)
+    _zero_grads(x)
+
+    mem = measure_memory(name, vocab)
+    logits_mb = 2 * PAIRS * T * vocab * 4 / 2**20
+    benchmark.extra_info.update(
+        contender=name,
+        pairs=PAIRS,
+        T=T,
+        prompt_tokens=PROMPT,
+        D=D,
+        V=vocab,
+        dtype="float32",
+        loss=loss.item(),
+        **errs,
+        peak_rss_above_baseline_mb=mem["peak_above_mb"],
+        process_peak_rss_mb=mem["process_peak_rss_mb"],
+        full_logits_mb=logits_mb,
+        hardware=hardware(),
+    )
+
+
+# -- memory worker: python bench/bench_dpo_loss.py --memory NAME --vocab V --------------------
+
+
+def _memory_worker(name: str, vocab: int) -> None:
+    x = make_inputs(vocab)
+    fn = contender(name)
+    fn(x)  # warm-up: compilation, oneDNN primitives, allocator pools
+    _zero_grads(x)
+    with RssPeak() as peak:
+        loss = fn(x)
+    print(
+        json.dumps(
+            {
+                "name": name,
+                "vocab": vocab,
+                "loss": loss.item(),
+                "peak_above_mb": peak.peak_above_start / 2**20,
+                "baseline_mb": peak.start / 2**20,
+                "ln2": math.log(2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--memory", choices=CONTENDERS, required=True)
+    p.add_argument("--vocab", type=int, required=True)
+    a = p.parse_args()
+    _memory_worker(a.memory, a.vocab)

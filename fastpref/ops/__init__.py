@@ -1,3 +1,5 @@
 """The public fused ops. Each returns per-row float32 values; the caller reduces."""
 
-__all__: list[str] = []
+from fastpref.ops.listwise import listwise_loss
+
+__all__: list[str] = ["listwise_loss"]

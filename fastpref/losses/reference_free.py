@@ -111,8 +111,11 @@ def orpo_terms(inputs: PairLogps, beta: float, loss: str) -> tuple[Tensor, LossM
     check_inputs(inputs, PairLogps, loss, _POLICY)
     chosen_avg = inputs.chosen / inputs.chosen_tokens
     rejected_avg = inputs.rejected / inputs.rejected_tokens
-    # log odds(y) = log p − log(1 − p) with p the geometric-mean token probability
-    log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
+    # log odds(y) = log p − log(1 − p) with p the geometric-mean token probability; p is capped
+    # at 1 − eps so that two certain completions give a finite ratio, not inf − inf
+    cap = -torch.finfo(chosen_avg.dtype).eps
+    c, r = chosen_avg.clamp(max=cap), rejected_avg.clamp(max=cap)
+    log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
     ratio = F.logsigmoid(log_odds)
     nll = token_mean_nll(inputs.chosen, inputs.chosen_tokens)
     metrics = pair_metrics(
@@ -132,7 +135,9 @@ def orpo(inputs: PairLogps, *, beta: float = 0.1) -> tuple[Tensor, LossMetrics]:
 
     ``L = NLL(y_c) − λ·mean log σ(log[odds(y_c)/odds(y_r)])``, ``odds(y) = p/(1 − p)`` with
     ``log p = log π(y)/n`` (length-averaged, as TRL), and ``log(1 − p)`` computed by the
-    stable :func:`log1mexp`. ``beta`` is the paper's λ (TRL's naming). Default 0.1 (TRL
+    stable :func:`log1mexp`; log p is capped at −eps(dtype) so that completions the policy is
+    certain of (log p = 0 in floating point) give finite log-odds (choice: TRL returns NaN for
+    two certain completions). ``beta`` is the paper's λ (TRL's naming). Default 0.1 (TRL
     ``ORPOConfig``). Rewards are β·(mean token log p).
     Paper: https://arxiv.org/abs/2403.07691.
     """

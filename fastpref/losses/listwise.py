@@ -167,37 +167,43 @@ def lipo_lambda_loss(
     return _sum_pairs(weights * _pair_logistic(scores, sigma), _pairs(relevance, mask))
 
 
-def listnet_loss(scores: Tensor, relevance: Tensor, mask: Tensor | None = None) -> Tensor:
-    """ListNet (top-one) per list: cross-entropy of softmax(scores) against softmax(relevance).
+def listnet_loss(
+    scores: Tensor, relevance: Tensor, mask: Tensor | None = None, *, sigma: float = 1.0
+) -> Tensor:
+    """ListNet (top-one) per list: cross-entropy of softmax(σ·scores) against softmax(relevance).
 
-    ``−Σ_i softmax(rel)_i · log_softmax(s)_i`` over the real items (Cao et al. 2007,
-    https://dl.acm.org/doi/10.1145/1273496.1273513). Equals ``listwise_loss(..., kind="listnet")``.
+    ``−Σ_i softmax(rel)_i · log_softmax(σ·s)_i`` over the real items; σ is an inverse
+    temperature (Cao et al. 2007, https://dl.acm.org/doi/10.1145/1273496.1273513).
+    Equals ``listwise_loss(..., kind="listnet", sigma=sigma)``.
     """
+    check_positive("sigma", sigma)
     relevance, mask = _prepare(scores, relevance, mask)
     # a finite fill (not −inf) keeps an all-padded list at 0 and every gradient finite
     low = torch.finfo(scores.dtype).min
     target = torch.softmax(relevance.to(scores.dtype).masked_fill(~mask, low), dim=-1)
-    log_p = torch.log_softmax(scores.masked_fill(~mask, low), dim=-1)
+    log_p = torch.log_softmax((sigma * scores).masked_fill(~mask, low), dim=-1)
     return -torch.where(mask, target * log_p, torch.zeros_like(log_p)).sum(-1)
 
 
-def listmle_loss(scores: Tensor, relevance: Tensor, mask: Tensor | None = None) -> Tensor:
+def listmle_loss(
+    scores: Tensor, relevance: Tensor, mask: Tensor | None = None, *, sigma: float = 1.0
+) -> Tensor:
     """ListMLE per list: negative Plackett–Luce log-likelihood of the gold order.
 
-    With π sorting the real items by descending relevance (stable for ties):
-    ``−Σ_i [s_π(i) − log Σ_{k ≥ i} exp(s_π(k))]`` via a reversed logcumsumexp (Xia et al. 2008,
-    https://dl.acm.org/doi/10.1145/1390156.1390306). Equals ``listwise_loss(..., kind="listmle")``.
+    With π sorting the real items by descending relevance (stable for ties) and z = σ·s:
+    ``−Σ_i [z_π(i) − log Σ_{k ≥ i} exp(z_π(k))]`` via a reversed logcumsumexp (Xia et al. 2008,
+    https://dl.acm.org/doi/10.1145/1390156.1390306). Equals
+    ``listwise_loss(..., kind="listmle", sigma=sigma)``.
     """
+    check_positive("sigma", sigma)
     relevance, mask = _prepare(scores, relevance, mask)
     low = torch.finfo(scores.dtype).min
-    key = torch.where(
-        mask, relevance.to(torch.float64), torch.full_like(scores, -torch.inf, dtype=torch.float64)
-    )
+    key = relevance.to(torch.float64).masked_fill(~mask, -torch.inf)
     order = torch.argsort(key, dim=-1, descending=True, stable=True)
-    s = scores.masked_fill(~mask, low).gather(-1, order)
+    z = (sigma * scores).masked_fill(~mask, low).gather(-1, order)
     real = mask.gather(-1, order)
-    tail_lse = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)
-    return -torch.where(real, s - tail_lse, torch.zeros_like(s)).sum(-1)
+    tail_lse = torch.logcumsumexp(z.flip(-1), dim=-1).flip(-1)
+    return -torch.where(real, z - tail_lse, torch.zeros_like(z)).sum(-1)
 
 
 def lipo(inputs: ListLogps, *, beta: float = 0.1) -> tuple[Tensor, LossMetrics]:

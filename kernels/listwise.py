@@ -194,8 +194,9 @@ def _listwise_listmle_kernel(
         for j0 in range(0, K, BLOCK):
             oj = j0 + ar
             sj, rj, real_j = _load_list(s_row, r_row, m_row, oj, K, HAS_MASK)
-            after = (rj[None, :] < ri[:, None]) | ((rj[None, :] == ri[:, None]) & (oj[None, :] >= oi[:, None]))
-            z = tl.where(after & real_j[None, :], sigma * sj[None, :], -float("inf"))  # [BLOCK, BLOCK]
+            tie_after = (rj[None, :] == ri[:, None]) & (oj[None, :] >= oi[:, None])
+            after = ((rj[None, :] < ri[:, None]) | tie_after) & real_j[None, :]  # [BLOCK, BLOCK]
+            z = tl.where(after, sigma * sj[None, :], -float("inf"))
             new_max = tl.maximum(run_max, tl.max(z, 1))
             safe = tl.where(new_max == -float("inf"), 0.0, new_max)
             run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(z - safe[:, None]), 1)
@@ -215,8 +216,9 @@ def _listwise_listmle_kernel(
             oi = i0 + ar
             _, ri, real_i = _load_list(s_row, r_row, m_row, oi, K, HAS_MASK)
             cum_i = tl.load(cum_ptr + b * K + oi, mask=oi < K, other=0.0)
-            at_or_before = (ri[None, :] > rj[:, None]) | ((ri[None, :] == rj[:, None]) & (oi[None, :] <= oj[:, None]))
-            arg = tl.where(at_or_before & real_i[None, :], sigma * sj[:, None] - cum_i[None, :], -float("inf"))
+            tie_before = (ri[None, :] == rj[:, None]) & (oi[None, :] <= oj[:, None])
+            before = ((ri[None, :] > rj[:, None]) | tie_before) & real_i[None, :]  # [j, i]
+            arg = tl.where(before, sigma * sj[:, None] - cum_i[None, :], -float("inf"))
             acc += tl.sum(tl.exp(arg), 1)
         g = tl.where(keep, tl.where(real_j, sigma * (acc - 1.0), 0.0), 0.0)
         tl.store(grad_ptr + b * K + oj, g, mask=oj < K)

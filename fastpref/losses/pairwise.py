@@ -77,7 +77,9 @@ def robust(
     """Robust DPO: an unbiased estimate of the DPO loss under label noise of rate ε.
 
     ``L = [−(1−ε)·log σ(β·h) + ε·log σ(−β·h)] / (1 − 2ε)``, ε ∈ [0, 0.5). ε = 0 is DPO.
-    Defaults β = 0.1 (TRL); ε = 0.1 is our choice (TRL's default 0 is plain DPO).
+    Defaults β = 0.1 (TRL); ε = 0.1 is our choice (TRL's default 0 is plain DPO). Being an
+    unbiased correction, the loss goes negative for confidently ordered pairs (it equals
+    ``softplus(−z) − ε·z/(1 − 2ε)``).
     Paper: https://arxiv.org/abs/2403.00409. TRL ``loss_type="robust"``.
     """
     check_positive("beta", beta)

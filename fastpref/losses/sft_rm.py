@@ -19,7 +19,8 @@ def sft(inputs: SFTLogps) -> tuple[Tensor, LossMetrics]:
 
     ``L = −Σ_b log π(y_b|x_b) / Σ_b n_b`` — the token mean over the whole batch, which is what
     ``F.cross_entropy(logits, labels, ignore_index=-100)`` over the batch's completion tokens
-    computes (long completions weigh more than short ones).
+    computes (long completions weigh more than short ones). Stage 1 of the DeepSpeed-Chat /
+    InstructGPT pipeline (https://arxiv.org/abs/2203.02155).
     """
     check_inputs(inputs, SFTLogps, "sft", ("logps", "tokens"))
     nll = token_mean_nll(inputs.logps, inputs.tokens)

@@ -242,6 +242,28 @@ def test_raising_the_most_relevant_score_lowers_the_loss(kind):
     assert scores.grad[0, 0] < 0 and scores.grad[0, 2] > 0
 
 
+def test_lipo_batched_equals_mean_of_each_list_alone():
+    """Ragged lists (K = 4, 2 and 3 real responses) batched with padding give the mean of
+    the lists' own LiPO-λ losses; padded responses carry garbage that must not matter."""
+    g = torch.Generator().manual_seed(3)
+    logps, ref = -torch.rand(3, 4, generator=g) * 10, -torch.rand(3, 4, generator=g) * 10
+    psi = torch.randint(0, 5, (3, 4), generator=g).float()
+    mask = torch.tensor([[True] * 4, [True, True, False, False], [True, True, True, False]])
+    logps[~mask], ref[~mask], psi[~mask] = 1e4, -1e4, 100.0
+    batched, _ = lipo(ListLogps(logps, torch.ones(3, 4), psi, mask, ref), beta=0.5)
+    alone = []
+    for b, n in enumerate([4, 2, 3]):
+        one = ListLogps(
+            logps[b : b + 1, :n],
+            torch.ones(1, n),
+            psi[b : b + 1, :n],
+            torch.ones(1, n, dtype=torch.bool),
+            ref[b : b + 1, :n],
+        )
+        alone.append(lipo(one, beta=0.5)[0])
+    torch.testing.assert_close(batched, torch.stack(alone).mean())
+
+
 def test_lipo_gradient_sign():
     logps = torch.tensor([[-3.0, -2.0, -4.0]], requires_grad=True)
     inputs = ListLogps(

@@ -111,6 +111,14 @@ def _check_relevance_values(relevance: Tensor, mask: Tensor | None) -> None:
         raise ValueError(msg)
 
 
+def _check_cuda_limit(K: int) -> None:
+    if K > CUDA_MAX_K:
+        raise ValueError(
+            f"listwise_loss: scores has K={K} items per list, beyond the CUDA kernel's limit "
+            f"of {CUDA_MAX_K} (one thread per item); use backend='triton'"
+        )
+
+
 def _as_mask(mask: Tensor | None) -> Tensor | None:
     return None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
 
@@ -238,6 +246,8 @@ def _listwise_fwd(
         return loss.to(acc), grad.to(acc)
     if backend in ("cpu", "cuda"):
         return torch.ops.fastpref_C.listwise_fwd(s, r, m, kind, weighting, sigma)
+    if backend == "itemwise":  # tests: the CUDA kernels' per-item schedule, run on the CPU
+        return torch.ops.fastpref_C.listwise_fwd_itemwise(s, r, m, kind, weighting, sigma)
     raise ValueError(f"listwise_loss: backend {backend!r} has no fused forward")
 
 
@@ -294,11 +304,8 @@ def listwise_loss(
     if chosen == "chunked":
         _check_relevance_values(relevance, mask)
         return _ChunkedListwise.apply(scores, relevance, mask, p)
-    if chosen == "cuda" and scores.shape[1] > CUDA_MAX_K:
-        raise ValueError(
-            f"listwise_loss: scores has K={scores.shape[1]} items per list, beyond the CUDA "
-            f"kernel's limit of {CUDA_MAX_K} (one thread per item); use backend='triton'"
-        )
+    if chosen == "cuda":
+        _check_cuda_limit(scores.shape[1])
     loss, _ = _listwise_fwd(
         scores, relevance, mask, KINDS[kind], WEIGHTINGS[weighting], p.sigma, chosen
     )

@@ -60,9 +60,9 @@ def cdpo(
     """Conservative DPO: DPO with labels flipped with probability ε.
 
     ``L = −(1−ε)·log σ(β·h) − ε·log σ(−β·h)``, ε ∈ [0, 0.5). ε = 0 is DPO.
-    Defaults β = 0.1 (TRL); ε = 0.1 is our choice (TRL's ``label_smoothing`` defaults to 0,
-    which is plain DPO). Note: https://ericmitchell.ai/cdpo.pdf (Eq. 3). TRL
-    ``loss_type="sigmoid"`` with ``label_smoothing=ε``.
+    Defaults β = 0.1 (TRL); ε = 0.1 is our choice (with TRL's default 0 it is plain DPO).
+    Note: https://ericmitchell.ai/cdpo.pdf (Eq. 3). TRL ``loss_type="sigmoid"`` with
+    ``label_smoothing=ε`` up to v0.x (TRL 1.x keeps ε for ``robust``/``exo_pair`` only).
     """
     check_positive("beta", beta)
     check_label_smoothing(label_smoothing)
@@ -77,7 +77,7 @@ def robust(
     """Robust DPO: an unbiased estimate of the DPO loss under label noise of rate ε.
 
     ``L = [−(1−ε)·log σ(β·h) + ε·log σ(−β·h)] / (1 − 2ε)``, ε ∈ [0, 0.5). ε = 0 is DPO.
-    Defaults β = 0.1 (TRL); ε = 0.1 is our choice (TRL's default 0 is plain DPO). Being an
+    Defaults β = 0.1 (TRL); ε = 0.1, the paper's typical value (TRL's default 0 is DPO). Being an
     unbiased correction, the loss goes negative for confidently ordered pairs (it equals
     ``softplus(−z) − ε·z/(1 − 2ε)``).
     Paper: https://arxiv.org/abs/2403.00409. TRL ``loss_type="robust"``.

@@ -1,5 +1,11 @@
 """The public fused ops. Each returns per-row float32 values; the caller reduces."""
 
+from fastpref.ops.linear_logprobs import linear_entropy, linear_logprobs, sequence_logprobs
 from fastpref.ops.listwise import listwise_loss
 
-__all__: list[str] = ["listwise_loss"]
+__all__: list[str] = [
+    "linear_logprobs",
+    "sequence_logprobs",
+    "linear_entropy",
+    "listwise_loss",
+]

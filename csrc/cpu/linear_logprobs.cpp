@@ -1,0 +1,592 @@
+// Fused linear log-probs on the CPU: log p(target) and the entropy of softmax(f(H @ W.T + b))
+// without the N x V logits.
+//
+// What is fused
+//   f = softcap * tanh((h . w_v + b_v) / softcap) / temperature   (softcap optional)
+//   forward:  lse = logsumexp_v f,  logp = f[target] - lse,  entropy = lse - sum_v p_v f_v
+//   backward: G = dL/dz = (g_logp (onehot - p) - g_ent p (f - E_p f)) * df/dz, then
+//             dH = G @ W, dW = G.T @ H, db = sum_rows G, with p = exp(f - lse) recomputed.
+//   The rows arrive compacted (ignored targets removed by the ops layer), so no GEMM is
+//   spent on an ignored row.
+//
+// How it is tiled
+//   The vocabulary is cut into tiles of VT columns and the tiles into one contiguous range per
+//   thread (at::parallel_for, one task per thread). A task loops over its vocab tiles and, inside,
+//   over blocks of NB rows; each (row block, vocab tile) pair costs one GEMM through ATen
+//   (MKL sgemm for fp32, oneDNN for bf16) into a reused [NB, VT] buffer, followed by a vectorised
+//   epilogue (at::vec::Vectorized) over that buffer while it is still in cache. In the backward
+//   the one recomputed tile of G feeds both dH_rows += G @ W_tile and dW_tile += G.T @ H_rows.
+//   A task owns its vocab range, so dW and db need no synchronisation; dH is summed over the
+//   vocabulary, so each task accumulates its own [N, D] fp32 partial and the partials are added
+//   in task order at the end. No atomics, fixed summation order: bitwise reproducible for a
+//   given thread count.
+//
+// Why the numerics are safe
+//   The log-sum-exp is online per row: a running max m, the rescaled sum s = sum exp(f - m) and,
+//   for the entropy, a = sum exp(f - m) (f - m), so exp never sees a positive argument and the
+//   entropy log(s) - a/s never cancels two large numbers. Per-task states are merged in task
+//   order. Wide logits (std ~20) make most exp() results underflow: every worker thread runs with
+//   FTZ/DAZ set (restored on exit) so denormals never reach the exp, the sums or the GEMMs, whose
+//   x86 microcode assists would otherwise cost ~100 cycles each. A non-finite max (NaN or inf in
+//   the row) gives lse = NaN for that row only. bf16 GEMMs accumulate in fp32 inside oneDNN; the
+//   epilogue is fp32, dH and dW are accumulated in fp32 and rounded to bf16 once at the end.
+//
+// Memory bound (beyond inputs and outputs)
+//   per task: one [NB, VT] fp32 logits tile (+ a bf16 copy for bf16), a [VT, D] fp32 dW
+//   accumulator (bf16 only), an [N, D] fp32 dH partial (all but the first task; all for bf16)
+//   and 3 x N fp32 of row state -- O(tile + N * D), never O(N * V).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#define FASTPREF_HAS_MXCSR 1
+#endif
+
+namespace fastpref {
+namespace {
+
+constexpr int64_t kVocabTile = 256;  // VT: columns per tile
+constexpr int64_t kRowBlock = 512;   // NB: rows per GEMM
+
+// Flush-to-zero + denormals-are-zero for the current thread, restored on scope exit.
+struct DenormalsAreZero {
+#ifdef FASTPREF_HAS_MXCSR
+  unsigned int saved;
+  DenormalsAreZero() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }
+  ~DenormalsAreZero() { _mm_setcsr(saved); }
+#endif
+};
+
+template <typename acc_t>
+struct LogitMap {
+  acc_t inv_temp;   // 1 / temperature
+  acc_t inv_cap;    // 1 / softcap
+  acc_t cap_scale;  // softcap / temperature
+  bool has_cap;
+};
+
+template <typename acc_t>
+inline acc_t nan_max(acc_t a, acc_t b) {
+  return (std::isnan(a) || a >= b) ? a : b;
+}
+
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> fast_exp(const at::vec::Vectorized<acc_t>& x) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return x.exp_u20();  // ~1e-6 relative, 2-3x cheaper than Sleef's u10; args here are <= 0
+  } else {
+    return x.exp();
+  }
+}
+
+// f = map(z + b) in place over one row of n logits; returns the NaN-propagating max.
+template <typename acc_t>
+inline acc_t map_row_max(acc_t* z, const acc_t* b, int64_t n, const LogitMap<acc_t>& o) {
+  using V = at::vec::Vectorized<acc_t>;
+  const V vit(o.inv_temp), vic(o.inv_cap), vcs(o.cap_scale);
+  V vmax(-std::numeric_limits<acc_t>::infinity());
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) {
+    V v = V::loadu(z + j);
+    if (b) v = v + V::loadu(b + j);
+    v = o.has_cap ? (v * vic).tanh() * vcs : v * vit;
+    v.store(z + j);
+    vmax = at::vec::maximum(vmax, v);
+  }
+  acc_t m = at::vec::vec_reduce_all<acc_t>(
+      [](V& x, V& y) { return at::vec::maximum(x, y); }, vmax);
+  for (; j < n; ++j) {
+    acc_t v = z[j] + (b ? b[j] : acc_t(0));
+    v = o.has_cap ? std::tanh(v * o.inv_cap) * o.cap_scale : v * o.inv_temp;
+    z[j] = v;
+    m = nan_max(m, v);
+  }
+  return m;
+}
+
+// Online update of one row's (m, s, a) with n mapped logits f.
+template <typename acc_t>
+inline void lse_update(const acc_t* f, int64_t n, acc_t tile_max, bool entropy, acc_t& m,
+                       acc_t& s, acc_t& a) {
+  using V = at::vec::Vectorized<acc_t>;
+  if (std::isnan(m)) return;
+  const acc_t m_new = nan_max(m, tile_max);
+  if (!std::isfinite(m_new)) {  // NaN/inf in the row (or an all -inf tile while m = -inf)
+    if (std::isnan(m_new) || m_new > 0) m = std::numeric_limits<acc_t>::quiet_NaN();
+    return;
+  }
+  if (m_new > m) {  // rescale the running sums to the new max
+    const acc_t scale = std::exp(m - m_new);  // m = -inf gives 0
+    if (entropy) a = (s > 0) ? scale * (a + (m - m_new) * s) : acc_t(0);
+    s *= scale;
+    m = m_new;
+  }
+  const V vm(m), zero(0);
+  V vs(0), va(0);
+  int64_t j = 0;
+  if (entropy) {
+    for (; j + V::size() <= n; j += V::size()) {
+      V d = V::loadu(f + j) - vm;
+      V e = fast_exp(d);
+      vs = vs + e;
+      va = va + V::blendv(zero, e * d, e > zero);  // exp(-inf) * -inf would be NaN
+    }
+  } else {
+    for (; j + V::size() <= n; j += V::size()) vs = vs + fast_exp(V::loadu(f + j) - vm);
+  }
+  acc_t ss = at::vec::vec_reduce_all<acc_t>([](V& x, V& y) { return x + y; }, vs);
+  acc_t aa = entropy ? at::vec::vec_reduce_all<acc_t>([](V& x, V& y) { return x + y; }, va) : 0;
+  for (; j < n; ++j) {
+    acc_t d = f[j] - m;
+    acc_t e = std::exp(d);
+    ss += e;
+    if (entropy && e > 0) aa += e * d;
+  }
+  s += ss;
+  a += aa;
+}
+
+// Gradient of the raw logits z of one row, written to out (scalar_t) and added to db (acc_t).
+// gz = (g (onehot - p) - ge p (f - ef)) * df/dz with p = exp(f - lse).
+template <typename scalar_t, typename acc_t>
+inline void grad_row(const acc_t* z, const acc_t* b, int64_t n, const LogitMap<acc_t>& o,
+                     int64_t tgt, acc_t g, acc_t ge, acc_t lse, acc_t ef, bool entropy,
+                     scalar_t* out, acc_t* db) {
+  using V = at::vec::Vectorized<acc_t>;
+  if (!std::isfinite(lse)) {  // a NaN/inf row: its gradient is NaN, not garbage
+    std::fill(out, out + n, scalar_t(std::numeric_limits<acc_t>::quiet_NaN()));
+    return;
+  }
+  const V vit(o.inv_temp), vic(o.inv_cap), vcs(o.cap_scale), vlse(lse), vg(-g), vge(ge),
+      vef(ef), one(1), zero(0);
+  // The +g onehot term at the target, taken before the loop: out may alias z (fp32 in place).
+  acc_t onehot = 0;
+  if (tgt >= 0) {
+    acc_t dfdz = o.inv_temp;
+    if (o.has_cap) {
+      const acc_t t = std::tanh((z[tgt] + (b ? b[tgt] : acc_t(0))) * o.inv_cap);
+      dfdz = (1 - t * t) * o.inv_temp;
+    }
+    onehot = g * dfdz;
+  }
+  // one [V::size()] staging vector so bf16 output is converted from a full fp32 lane set
+  alignas(64) acc_t stage[V::size()];
+  int64_t j = 0;
+  auto lane = [&](V v) -> V {
+    V f, dfdz;
+    if (o.has_cap) {
+      V t = (v * vic).tanh();
+      f = t * vcs;
+      dfdz = (one - t * t) * vit;
+    } else {
+      f = v * vit;
+      dfdz = vit;
+    }
+    V p = fast_exp(f - vlse);
+    V gf = p * vg;
+    if (entropy) gf = gf - V::blendv(zero, p * vge * (f - vef), p > zero);
+    return gf * dfdz;
+  };
+  for (; j + V::size() <= n; j += V::size()) {
+    V v = V::loadu(z + j);
+    if (b) v = v + V::loadu(b + j);
+    V gz = lane(v);
+    if (db) (V::loadu(db + j) + gz).store(db + j);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      gz.store(out + j);
+    } else {
+      gz.store(stage);
+      for (int64_t k = 0; k < V::size(); ++k) out[j + k] = static_cast<scalar_t>(stage[k]);
+    }
+  }
+  for (; j < n; ++j) {
+    acc_t v = z[j] + (b ? b[j] : acc_t(0));
+    acc_t f, dfdz;
+    if (o.has_cap) {
+      acc_t t = std::tanh(v * o.inv_cap);
+      f = t * o.cap_scale;
+      dfdz = (1 - t * t) * o.inv_temp;
+    } else {
+      f = v * o.inv_temp;
+      dfdz = o.inv_temp;
+    }
+    acc_t p = std::exp(f - lse);
+    acc_t gf = -g * p;
+    if (entropy && p > 0) gf -= ge * p * (f - ef);
+    acc_t gz = gf * dfdz;
+    if (db) db[j] += gz;
+    out[j] = static_cast<scalar_t>(gz);
+  }
+  if (tgt >= 0) {
+    out[tgt] = static_cast<scalar_t>(static_cast<acc_t>(out[tgt]) + onehot);
+    if (db) db[tgt] += onehot;
+  }
+}
+
+// Converts the GEMM output tile to acc_t (a no-op view when they match).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* tile_as_acc(const at::Tensor& zt, at::Tensor& zacc, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return zt.const_data_ptr<acc_t>();
+  } else {
+    const scalar_t* src = zt.const_data_ptr<scalar_t>();
+    acc_t* dst = zacc.data_ptr<acc_t>();
+    at::vec::convert(src, dst, count);
+    return dst;
+  }
+}
+
+struct Plan {
+  int64_t N, D, V, ntiles, ntasks;
+  int64_t tile_begin(int64_t task) const { return task * ntiles / ntasks; }
+};
+
+Plan make_plan(int64_t N, int64_t D, int64_t V) {
+  Plan p{N, D, V, (V + kVocabTile - 1) / kVocabTile, 1};
+  p.ntasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.ntiles));
+  return p;
+}
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                  const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(hidden.dim() == 2, "linear_logprobs: hidden must be [N, D], got ", hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2, "linear_logprobs: weight must be [V, D], got ", weight.sizes());
+  TORCH_CHECK(hidden.size(1) == weight.size(1), "linear_logprobs: hidden ", hidden.sizes(),
+              " and weight ", weight.sizes(), " disagree on D");
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "linear_logprobs: hidden (",
+              hidden.scalar_type(), ") and weight (", weight.scalar_type(),
+              ") must have the same dtype");
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kBFloat16 ||
+                  hidden.scalar_type() == at::kDouble,
+              "linear_logprobs: the CPU kernel takes float32, bfloat16 or float64, got ",
+              hidden.scalar_type());
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && targets.device().is_cpu(),
+              "linear_logprobs: the CPU kernel needs CPU tensors");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0) &&
+                  targets.scalar_type() == at::kLong,
+              "linear_logprobs: targets must be int64 [N] = [", hidden.size(0), "], got ",
+              targets.scalar_type(), " ", targets.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "linear_logprobs: bias must be [V] = [", weight.size(0), "], got ",
+                bias->sizes());
+  }
+  const int64_t V = weight.size(0);
+  const int64_t* t = targets.const_data_ptr<int64_t>();  // caller made it contiguous
+  for (int64_t i = 0; i < targets.size(0); ++i) {
+    TORCH_CHECK(t[i] >= 0 && t[i] < V, "linear_logprobs: targets[", i, "] = ", t[i],
+                " is outside [0, ", V, ")");
+  }
+}
+
+template <typename acc_t>
+LogitMap<acc_t> make_map(double temperature, double softcap) {
+  TORCH_CHECK(temperature > 0, "linear_logprobs: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(softcap >= 0, "linear_logprobs: softcap must be > 0 (0 = off), got ", softcap);
+  LogitMap<acc_t> o;
+  o.inv_temp = acc_t(1.0 / temperature);
+  o.has_cap = softcap > 0;
+  o.inv_cap = o.has_cap ? acc_t(1.0 / softcap) : acc_t(0);
+  o.cap_scale = acc_t(softcap / temperature);
+  return o;
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tgt,
+                  const at::Tensor& bias, const LogitMap<acc_t>& o, bool entropy,
+                  at::Tensor& logp, at::Tensor& lse, at::Tensor& ent) {
+  const Plan plan = make_plan(H.size(0), H.size(1), W.size(0));
+  const int64_t N = plan.N, V = plan.V, P = plan.ntasks;
+  const auto acc_opts = H.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  // per task row state: m, s, a
+  at::Tensor state = at::empty({P, 3, N}, acc_opts);
+  at::Tensor tgt_f = at::empty({N}, acc_opts);  // mapped target logit, written by its owner task
+  const int64_t* t = tgt.const_data_ptr<int64_t>();
+  const acc_t* b = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  acc_t* tf = tgt_f.data_ptr<acc_t>();
+
+  at::parallel_for(0, P, 1, [&](int64_t task_begin, int64_t task_end) {
+    DenormalsAreZero daz;
+    at::Tensor zt = at::empty({kRowBlock * kVocabTile}, H.options());
+    at::Tensor zacc = std::is_same_v<scalar_t, acc_t>
+                          ? zt
+                          : at::empty({kRowBlock * kVocabTile}, acc_opts);
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      acc_t* st = state.data_ptr<acc_t>() + task * 3 * N;
+      acc_t *m = st, *s = st + N, *a = st + 2 * N;
+      std::fill(m, m + N, -std::numeric_limits<acc_t>::infinity());
+      std::fill(s, s + 2 * N, acc_t(0));
+      for (int64_t tile = plan.tile_begin(task); tile < plan.tile_begin(task + 1); ++tile) {
+        const int64_t v0 = tile * kVocabTile, vt = std::min(kVocabTile, V - v0);
+        at::Tensor w_tile = W.narrow(0, v0, vt);
+        for (int64_t r0 = 0; r0 < N; r0 += kRowBlock) {
+          const int64_t nb = std::min(kRowBlock, N - r0);
+          at::Tensor z = zt.narrow(0, 0, nb * vt).view({nb, vt});
+          at::mm_out(z, H.narrow(0, r0, nb), w_tile.t());  // [nb, vt]
+          acc_t* za = const_cast<acc_t*>(tile_as_acc<scalar_t, acc_t>(z, zacc, nb * vt));
+          for (int64_t i = 0; i < nb; ++i) {
+            const int64_t r = r0 + i;
+            acc_t* row = za + i * vt;
+            acc_t tmax = map_row_max(row, b ? b + v0 : nullptr, vt, o);
+            const int64_t c = t[r] - v0;
+            if (c >= 0 && c < vt) tf[r] = row[c];
+            lse_update(row, vt, tmax, entropy, m[r], s[r], a[r]);
+          }
+        }
+      }
+    }
+  });
+
+  // merge the task states in task order
+  const acc_t* st = state.const_data_ptr<acc_t>();
+  acc_t* lp = logp.data_ptr<acc_t>();
+  acc_t* ls = lse.data_ptr<acc_t>();
+  acc_t* en = entropy ? ent.data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, N, 2048, [&](int64_t r_begin, int64_t r_end) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      acc_t M = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t p = 0; p < P; ++p) M = nan_max(M, st[p * 3 * N + r]);
+      acc_t S = 0, A = 0;
+      if (std::isfinite(M)) {
+        for (int64_t p = 0; p < P; ++p) {
+          const acc_t mp = st[p * 3 * N + r], sp = st[p * 3 * N + N + r],
+                      ap = st[p * 3 * N + 2 * N + r];
+          if (sp > 0) {
+            const acc_t scale = std::exp(mp - M);
+            S += sp * scale;
+            A += scale * (ap + (mp - M) * sp);
+          }
+        }
+      }
+      const acc_t L = std::isfinite(M) ? M + std::log(S) : std::numeric_limits<acc_t>::quiet_NaN();
+      ls[r] = L;
+      lp[r] = tf[r] - L;
+      if (en) en[r] = std::isfinite(L) ? std::log(S) - A / S : L;
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tgt,
+                   const at::Tensor& bias, const LogitMap<acc_t>& o, const at::Tensor& g_logp,
+                   const at::Tensor& g_ent, const at::Tensor& lse, const at::Tensor& ent,
+                   at::Tensor& dH, at::Tensor& dW, at::Tensor& db) {
+  const Plan plan = make_plan(H.size(0), H.size(1), W.size(0));
+  const int64_t N = plan.N, D = plan.D, V = plan.V, P = plan.ntasks;
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+  const auto acc_opts = H.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const bool need_h = dH.defined(), need_w = dW.defined(), need_b = db.defined();
+  const bool entropy = g_ent.defined();
+  // dH partials: task 0 writes straight into dH when it is already acc_t.
+  at::Tensor dh_part;
+  if (need_h) dh_part = at::zeros({same ? P - 1 : P, N, D}, acc_opts);
+  auto dh_of = [&](int64_t task) -> at::Tensor {
+    if (same) return task == 0 ? dH : dh_part[task - 1];
+    return dh_part[task];
+  };
+  if (need_h && same) dH.zero_();
+  const int64_t* t = tgt.const_data_ptr<int64_t>();
+  const acc_t* b = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* gl = g_logp.defined() ? g_logp.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* ge = entropy ? g_ent.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* ls = lse.const_data_ptr<acc_t>();
+  const acc_t* en = entropy ? ent.const_data_ptr<acc_t>() : nullptr;
+  acc_t* dbp = need_b ? db.data_ptr<acc_t>() : nullptr;
+  const bool multi_block = N > kRowBlock;
+
+  at::parallel_for(0, P, 1, [&](int64_t task_begin, int64_t task_end) {
+    DenormalsAreZero daz;
+    at::Tensor zt = at::empty({kRowBlock * kVocabTile}, H.options());
+    at::Tensor zacc = same ? zt : at::empty({kRowBlock * kVocabTile}, acc_opts);
+    at::Tensor gt = same ? zt : at::empty({kRowBlock * kVocabTile}, H.options());
+    at::Tensor dw_acc, dw_tmp, dh_tmp;
+    if (!same && need_w && multi_block) {
+      dw_acc = at::empty({kVocabTile, D}, acc_opts);
+      dw_tmp = at::empty({kVocabTile, D}, H.options());
+    }
+    if (!same && need_h) dh_tmp = at::empty({kRowBlock, D}, H.options());
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      at::Tensor dh = need_h ? dh_of(task) : at::Tensor();
+      for (int64_t tile = plan.tile_begin(task); tile < plan.tile_begin(task + 1); ++tile) {
+        const int64_t v0 = tile * kVocabTile, vt = std::min(kVocabTile, V - v0);
+        at::Tensor w_tile = W.narrow(0, v0, vt);
+        at::Tensor dw_tile = need_w ? dW.narrow(0, v0, vt) : at::Tensor();
+        for (int64_t r0 = 0; r0 < N; r0 += kRowBlock) {
+          const int64_t nb = std::min(kRowBlock, N - r0);
+          at::Tensor h_blk = H.narrow(0, r0, nb);
+          at::Tensor z = zt.narrow(0, 0, nb * vt).view({nb, vt});
+          at::mm_out(z, h_blk, w_tile.t());  // recompute the logits tile
+          const acc_t* za = tile_as_acc<scalar_t, acc_t>(z, zacc, nb * vt);
+          at::Tensor g = gt.narrow(0, 0, nb * vt).view({nb, vt});
+          scalar_t* gp = g.data_ptr<scalar_t>();
+          for (int64_t i = 0; i < nb; ++i) {
+            const int64_t r = r0 + i;
+            const int64_t c = t[r] - v0;
+            const acc_t lser = ls[r];
+            grad_row<scalar_t, acc_t>(za + i * vt, b ? b + v0 : nullptr, vt, o,
+                                      (c >= 0 && c < vt) ? c : -1, gl ? gl[r] : acc_t(0),
+                                      entropy ? ge[r] : acc_t(0), lser,
+                                      entropy ? lser - en[r] : acc_t(0), entropy,
+                                      gp + i * vt, dbp ? dbp + v0 : nullptr);
+          }
+          if (need_h) {
+            at::Tensor dh_blk = dh.narrow(0, r0, nb);
+            if constexpr (same) {
+              dh_blk.addmm_(g, w_tile);  // [nb, D] += [nb, vt] @ [vt, D]
+            } else {
+              at::Tensor tmp = dh_tmp.narrow(0, 0, nb);
+              at::mm_out(tmp, g, w_tile);
+              dh_blk.add_(tmp);  // fp32 accumulation of the bf16 tile product
+            }
+          }
+          if (need_w) {
+            if constexpr (same) {
+              if (r0 == 0) {
+                at::mm_out(dw_tile, g.t(), h_blk);  // [vt, D] = [vt, nb] @ [nb, D]
+              } else {
+                dw_tile.addmm_(g.t(), h_blk);
+              }
+            } else if (!multi_block) {
+              at::mm_out(dw_tile, g.t(), h_blk);  // one GEMM, fp32 inside, one rounding
+            } else {
+              at::Tensor tmp = dw_tmp.narrow(0, 0, vt);
+              at::mm_out(tmp, g.t(), h_blk);
+              at::Tensor acc = dw_acc.narrow(0, 0, vt);
+              if (r0 == 0) {
+                acc.copy_(tmp);
+              } else {
+                acc.add_(tmp);
+              }
+            }
+          }
+        }
+        if constexpr (!same) {
+          if (need_w && multi_block) dw_tile.copy_(dw_acc.narrow(0, 0, vt));
+        }
+      }
+    }
+  });
+
+  if (need_h) {
+    // sum the partials in task order, rows in parallel
+    at::parallel_for(0, N, 64, [&](int64_t r_begin, int64_t r_end) {
+      const int64_t nr = r_end - r_begin;
+      if constexpr (same) {
+        at::Tensor out = dH.narrow(0, r_begin, nr);
+        for (int64_t p = 0; p + 1 < P; ++p) out.add_(dh_part[p].narrow(0, r_begin, nr));
+      } else {
+        at::Tensor sum = dh_part[0].narrow(0, r_begin, nr).clone();
+        for (int64_t p = 1; p < P; ++p) sum.add_(dh_part[p].narrow(0, r_begin, nr));
+        dH.narrow(0, r_begin, nr).copy_(sum);
+      }
+    });
+  }
+}
+
+std::optional<at::Tensor> opt(const at::Tensor& x) {
+  return x.defined() ? std::optional<at::Tensor>(x) : std::nullopt;
+}
+
+at::Tensor as_acc(const std::optional<at::Tensor>& x, at::ScalarType acc) {
+  if (!x.has_value() || !x->defined()) return at::Tensor();
+  return x->detach().to(acc).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, double temperature, double softcap,
+    bool with_entropy) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // a raw kernel: autograd lives in Python
+  at::Tensor tgt = targets.contiguous();
+  check_inputs(hidden, weight, tgt, bias);
+  at::Tensor H = hidden.detach().contiguous(), W = weight.detach().contiguous();
+  const auto acc = H.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t N = H.size(0);
+  at::Tensor logp = at::empty({N}, H.options().dtype(acc));
+  at::Tensor lse = at::empty({N}, H.options().dtype(acc));
+  at::Tensor ent = at::empty({with_entropy ? N : 0}, H.options().dtype(acc));
+  if (N == 0) return {logp, lse, ent};
+  at::Tensor b = as_acc(bias, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, H.scalar_type(), "linear_logprobs_fwd", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    forward_impl<scalar_t, acc_t>(H, W, tgt, b, make_map<acc_t>(temperature, softcap),
+                                  with_entropy, logp, lse, ent);
+  });
+  return {logp, lse, ent};
+}
+
+using OptTensor = std::optional<at::Tensor>;
+
+std::tuple<OptTensor, OptTensor, OptTensor> linear_logprobs_bwd(
+    const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse,
+    const std::optional<at::Tensor>& entropy, double temperature, double softcap,
+    bool need_hidden, bool need_weight, bool need_bias) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  at::Tensor tgt = targets.contiguous();
+  check_inputs(hidden, weight, tgt, bias);
+  const int64_t N = hidden.size(0);
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N, "linear_logprobs_bwd: lse must be [N] = [", N,
+              "], got ", lse.sizes());
+  const bool with_entropy = grad_entropy.has_value() && grad_entropy->defined();
+  if (with_entropy) {
+    TORCH_CHECK(entropy.has_value() && entropy->dim() == 1 && entropy->size(0) == N,
+                "linear_logprobs_bwd: grad_entropy needs the forward's entropy [N] = [", N, "]");
+    TORCH_CHECK(grad_entropy->dim() == 1 && grad_entropy->size(0) == N,
+                "linear_logprobs_bwd: grad_entropy must be [N] = [", N, "], got ",
+                grad_entropy->sizes());
+  }
+  if (grad_logp.has_value() && grad_logp->defined()) {
+    TORCH_CHECK(grad_logp->dim() == 1 && grad_logp->size(0) == N,
+                "linear_logprobs_bwd: grad_logp must be [N] = [", N, "], got ",
+                grad_logp->sizes());
+  }
+  at::Tensor H = hidden.detach().contiguous(), W = weight.detach().contiguous();
+  const auto acc = H.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor dH = need_hidden ? at::empty_like(H) : at::Tensor();
+  at::Tensor dW = need_weight ? at::empty_like(W) : at::Tensor();
+  at::Tensor db = need_bias ? at::zeros({W.size(0)}, H.options().dtype(acc)) : at::Tensor();
+  if (N == 0 || !(need_hidden || need_weight || need_bias)) {
+    if (dH.defined()) dH.zero_();
+    if (dW.defined()) dW.zero_();
+    return {opt(dH), opt(dW), opt(db)};
+  }
+  at::Tensor b = as_acc(bias, acc), gl = as_acc(grad_logp, acc), ge = as_acc(grad_entropy, acc);
+  at::Tensor ls = lse.detach().to(acc).contiguous();
+  at::Tensor en = with_entropy ? as_acc(entropy, acc) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, H.scalar_type(), "linear_logprobs_bwd", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    backward_impl<scalar_t, acc_t>(H, W, tgt, b, make_map<acc_t>(temperature, softcap), gl, ge,
+                                   ls, en, dH, dW, db);
+  });
+  return {opt(dH), opt(dW), opt(db)};
+}
+
+}  // namespace
+}  // namespace fastpref
+
+TORCH_LIBRARY_FRAGMENT(fastpref_C, m) {
+  m.def(
+      "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
+      "float temperature, float softcap, bool with_entropy) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_logprobs_bwd(Tensor? grad_logp, Tensor? grad_entropy, Tensor hidden, "
+      "Tensor weight, Tensor targets, Tensor? bias, Tensor lse, Tensor? entropy, "
+      "float temperature, float softcap, bool need_hidden, bool need_weight, bool need_bias) "
+      "-> (Tensor?, Tensor?, Tensor?)");
+}
+
+TORCH_LIBRARY_IMPL(fastpref_C, CPU, m) {
+  m.impl("linear_logprobs_fwd", &fastpref::linear_logprobs_fwd);
+  m.impl("linear_logprobs_bwd", &fastpref::linear_logprobs_bwd);
+}

@@ -1,0 +1,494 @@
+"""Fused linear log-probabilities: ``log softmax(f(H @ W.T + b))[target]`` without the N x V logits.
+
+Logits ``z = hidden @ weight.T + bias``, then ``softcap * tanh(z / softcap)`` when a softcap is
+set, then ``z / temperature`` (the order Gemma 2 and the DPO trainers use). Per row:
+``lse = logsumexp(z)``, ``logp = z[target] - lse``, ``entropy = lse - sum_v softmax(z)_v z_v``.
+The algorithm is Cut Cross-Entropy's (Wijmans et al., https://arxiv.org/abs/2411.09009): rows
+whose target is ``ignore_index`` are dropped before any GEMM, rows x vocab tiles with an online
+log-sum-exp, only ``lse`` saved, and a backward that recomputes each tile.
+
+Layers (STYLE.md): ``linear_logprobs_reference`` (materialises the logits, ground truth);
+backends on compacted rows -- ``chunked`` (PyTorch, ``_linear_logprobs_chunked``), ``cpu``
+(``csrc/cpu/linear_logprobs.cpp``), ``triton`` (``fastpref.kernels.linear_logprobs``); the
+``torch.library`` ops ``fastpref::linear_logprobs_fwd/_bwd`` (compaction, target checks, backend
+call, scatter back; opaque to torch.compile); the autograd Function; the public functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastpref.ops._dispatch import select_backend
+from fastpref.ops._linear_logprobs_chunked import acc_dtype, chunked_bwd, chunked_fwd
+
+__all__ = [
+    "linear_logprobs",
+    "sequence_logprobs",
+    "linear_entropy",
+    "linear_logprobs_reference",
+    "linear_entropy_reference",
+]
+
+BACKENDS = ("reference", "chunked", "cpu", "triton")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass(frozen=True)
+class LogitOptions:
+    """Non-tensor options of one call; travels through the autograd Function as one value."""
+
+    ignore_index: int = -100  # target value of rows that get logp = 0 and no gradient
+    temperature: float = 1.0  # logits are divided by it (after the softcap)
+    softcap: float | None = None  # softcap * tanh(z / softcap) when set
+    with_entropy: bool = False  # also compute the per-row entropy
+    backend: str = "chunked"  # a resolved backend name (never None)
+
+
+# ----------------------------------------------------------------------------------------------
+# reference
+
+
+def _reference_logits(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float, softcap: float | None
+) -> Tensor:
+    z = F.linear(hidden, weight, bias).float()  # [N, V], in the input dtype, then fp32
+    if hidden.dtype == torch.float64:
+        z = z.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def linear_logprobs_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+) -> Tensor:
+    """``linear_logprobs`` in plain PyTorch; materialises the N x V logits (tests only)."""
+    keep = targets != ignore_index
+    logp = _reference_logits(hidden, weight, bias, temperature, softcap).log_softmax(-1)
+    picked = logp.gather(-1, torch.where(keep, targets, 0)[:, None])[:, 0]
+    return torch.where(keep, picked, 0.0)
+
+
+def linear_entropy_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+) -> Tensor:
+    """``linear_entropy`` in plain PyTorch; materialises the N x V logits (tests only)."""
+    z = _reference_logits(hidden, weight, bias, temperature, softcap)
+    ent = torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1)
+    return torch.where(targets != ignore_index, ent, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# backends on compacted rows: fwd -> (logp, lse, entropy | None), bwd -> (dH, dW, db) | None
+
+
+def _cpu_fwd(h, w, t, b, temperature, softcap, with_entropy):
+    logp, lse, ent = torch.ops.fastpref_C.linear_logprobs_fwd(
+        h, w, t, b, temperature, softcap or 0.0, with_entropy
+    )
+    return logp, lse, (ent if with_entropy else None)
+
+
+def _cpu_bwd(g, ge, h, w, t, b, lse, ent, temperature, softcap, nh, nw, nb):
+    return torch.ops.fastpref_C.linear_logprobs_bwd(
+        g, ge, h, w, t, b, lse, ent, temperature, softcap or 0.0, nh, nw, nb
+    )
+
+
+def _triton_fwd(h, w, t, b, temperature, softcap, with_entropy):
+    if with_entropy:  # the Triton launcher computes log-probs only
+        return chunked_fwd(h, w, t, b, temperature, softcap, with_entropy)
+    from fastpref.kernels.linear_logprobs import linear_logprobs_fwd
+
+    logp, lse = linear_logprobs_fwd(h, w, t, b, temperature, softcap)
+    return logp, lse, None
+
+
+def _triton_bwd(g, ge, h, w, t, b, lse, ent, temperature, softcap, nh, nw, nb):
+    if ge is not None or g is None:
+        return chunked_bwd(g, ge, h, w, t, b, lse, ent, temperature, softcap, nh, nw, nb)
+    from fastpref.kernels.linear_logprobs import linear_logprobs_bwd
+
+    return linear_logprobs_bwd(g.float(), h, w, t, b, lse.float(), temperature, softcap, nh, nw, nb)
+
+
+_IMPLS = {
+    "chunked": (chunked_fwd, chunked_bwd),
+    "cpu": (_cpu_fwd, _cpu_bwd),
+    "triton": (_triton_fwd, _triton_bwd),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: full-size inputs in, full-size outputs out (ignored rows are zeros)
+
+
+def _kept_rows(targets: Tensor, ignore_index: int, V: int) -> Tensor | None:
+    """Indices of the non-ignored rows (None when every row is kept); checks every target."""
+    keep = targets != ignore_index
+    bad = keep & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"linear_logprobs: targets[{i}] = {int(targets[i])} is outside [0, {V}) and is not "
+            f"ignore_index={ignore_index}"
+        )
+    if bool(keep.all()):
+        return None
+    return keep.nonzero()[:, 0]
+
+
+def _take(x: Tensor | None, rows: Tensor | None) -> Tensor | None:
+    return x if x is None or rows is None else x.index_select(0, rows)
+
+
+def _scatter(x: Tensor, rows: Tensor | None, n: int) -> Tensor:
+    if rows is None:
+        return x
+    return x.new_zeros((n, *x.shape[1:])).index_copy_(0, rows, x)
+
+
+@torch.library.custom_op("fastpref::linear_logprobs_fwd", mutates_args=())
+def _fwd_op(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+    with_entropy: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(logp[N], lse[N], entropy[N] or [0]) in fp32 (fp64 for fp64); 0 on ignored rows."""
+    acc = acc_dtype(hidden)
+    N = hidden.shape[0]
+    rows = _kept_rows(targets, ignore_index, weight.shape[0])
+    logp = hidden.new_zeros((N,), dtype=acc)
+    lse = hidden.new_zeros((N,), dtype=acc)
+    ent = hidden.new_zeros((N if with_entropy else 0,), dtype=acc)
+    n_kept = N if rows is None else rows.numel()
+    if n_kept == 0:
+        return logp, lse, ent
+    h = _take(hidden, rows).contiguous()
+    t = _take(targets, rows).long().contiguous()
+    fwd, _ = _IMPLS[backend]
+    lp_k, lse_k, ent_k = fwd(h, weight.contiguous(), t, bias, temperature, softcap, with_entropy)
+    logp, lse = _scatter(lp_k.to(acc), rows, N), _scatter(lse_k.to(acc), rows, N)
+    if with_entropy:
+        ent = _scatter(ent_k.to(acc), rows, N)
+    return logp, lse, ent
+
+
+@_fwd_op.register_fake
+def _(hidden, weight, targets, bias, ignore_index, temperature, softcap, with_entropy, backend):
+    acc = acc_dtype(hidden)
+    N = hidden.shape[0]
+    return (
+        hidden.new_empty((N,), dtype=acc),
+        hidden.new_empty((N,), dtype=acc),
+        hidden.new_empty((N if with_entropy else 0,), dtype=acc),
+    )
+
+
+@torch.library.custom_op("fastpref::linear_logprobs_bwd", mutates_args=())
+def _bwd_op(
+    grad_logp: Tensor | None,
+    grad_entropy: Tensor | None,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    lse: Tensor,
+    entropy: Tensor | None,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dH, dW, db); a gradient that is not needed comes back as an empty [0] tensor."""
+    N = hidden.shape[0]
+    empty = hidden.new_empty((0,))
+    rows = _kept_rows(targets, ignore_index, weight.shape[0])
+    n_kept = N if rows is None else rows.numel()
+    dh = dw = db = None
+    if n_kept > 0:
+        _, bwd = _IMPLS[backend]
+        dh, dw, db = bwd(
+            _take(grad_logp, rows),
+            _take(grad_entropy, rows),
+            _take(hidden, rows).contiguous(),
+            weight.contiguous(),
+            _take(targets, rows).long().contiguous(),
+            bias,
+            _take(lse, rows),
+            _take(entropy, rows),
+            temperature,
+            softcap,
+            need_hidden,
+            need_weight,
+            need_bias and bias is not None,
+        )
+    if need_hidden:
+        dh = torch.zeros_like(hidden) if dh is None else _scatter(dh.to(hidden.dtype), rows, N)
+    if need_weight:
+        dw = torch.zeros_like(weight) if dw is None else dw.to(weight.dtype)
+    if need_bias and bias is not None:
+        db = torch.zeros_like(bias) if db is None else db.to(bias.dtype)
+    return (
+        dh if need_hidden else empty,
+        dw if need_weight else empty,
+        db if need_bias and bias is not None else empty,
+    )
+
+
+@_bwd_op.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, ignore_index,
+      temperature, softcap, need_hidden, need_weight, need_bias, backend):  # fmt: skip
+    empty = hidden.new_empty((0,))
+    return (
+        torch.empty_like(hidden) if need_hidden else empty,
+        torch.empty_like(weight) if need_weight else empty,
+        torch.empty_like(bias) if need_bias and bias is not None else empty,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """(logp[N], entropy[N] or [0]) with gradients for hidden, weight and bias."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bias, opts: LogitOptions):
+        logp, lse, ent = torch.ops.fastpref.linear_logprobs_fwd(
+            hidden, weight, targets, bias, opts.ignore_index, opts.temperature, opts.softcap,
+            opts.with_entropy, opts.backend,
+        )  # fmt: skip
+        ctx.opts = opts
+        ctx.save_for_backward(hidden, weight, targets, bias, lse, ent)
+        ctx.mark_non_differentiable(lse)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, bias, lse, ent = ctx.saved_tensors
+        o: LogitOptions = ctx.opts
+        need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+        dh, dw, db = torch.ops.fastpref.linear_logprobs_bwd(
+            grad_logp, grad_entropy if o.with_entropy else None, hidden, weight, targets, bias,
+            lse, ent if o.with_entropy else None, o.ignore_index, o.temperature, o.softcap,
+            need_h, need_w, need_b and bias is not None, o.backend,
+        )  # fmt: skip
+        return (
+            dh if need_h else None,
+            dw if need_w else None,
+            None,
+            db if need_b and bias is not None else None,
+            None,
+        )
+
+
+def _run(hidden, weight, targets, bias, opts: LogitOptions) -> tuple[Tensor, Tensor]:
+    tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return _LinearLogprobs.apply(hidden, weight, targets, bias, opts)
+    # no graph to build (e.g. a reference model under torch.no_grad): nothing is saved
+    logp, _, ent = torch.ops.fastpref.linear_logprobs_fwd(
+        hidden, weight, targets, bias, opts.ignore_index, opts.temperature, opts.softcap,
+        opts.with_entropy, opts.backend,
+    )  # fmt: skip
+    return logp, ent
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+
+def _check(
+    name: str,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    temperature: float,
+    softcap: float | None,
+) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{name}: hidden must be [N, D] and weight [V, D] with the same D; got hidden "
+            f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}"
+        )
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"{name}: targets must be [N] = [{hidden.shape[0]}] to match hidden "
+            f"{tuple(hidden.shape)}; got targets {tuple(targets.shape)}"
+        )
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(
+            f"{name}: bias must be [V] = [{weight.shape[0]}] to match weight "
+            f"{tuple(weight.shape)}; got bias {tuple(bias.shape)}"
+        )
+    if hidden.dtype != weight.dtype or hidden.dtype not in _DTYPES:
+        raise TypeError(
+            f"{name}: hidden and weight must share a floating dtype; got hidden {hidden.dtype} "
+            f"and weight {weight.dtype}"
+        )
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: targets must be int64 or int32; got {targets.dtype}")
+    if bias is not None and not bias.is_floating_point():
+        raise TypeError(f"{name}: bias must be floating point; got {bias.dtype}")
+    for other, x in (("weight", weight), ("targets", targets), ("bias", bias)):
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{name}: hidden is on {hidden.device} but {other} is on {x.device}")
+    if not temperature > 0:
+        raise ValueError(f"{name}: temperature must be > 0; got {temperature}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{name}: softcap must be > 0 or None; got {softcap}")
+
+
+def _options(name, hidden, backend, ignore_index, temperature, softcap, with_entropy):
+    chosen = select_backend(name, hidden.device, backend, BACKENDS)
+    softcap = None if softcap is None else float(softcap)
+    return LogitOptions(int(ignore_index), float(temperature), softcap, with_entropy, chosen)
+
+
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    r"""Log-probability of each target, ``[N]`` float32 (float64 for float64), 0 where ignored.
+
+    ``z = hidden @ weight.T + bias``; ``z = softcap * tanh(z / softcap)`` if softcap;
+    ``z = z / temperature``; ``logp_i = z_i[y_i] - logsumexp_v z_iv``. The fused algorithm is Cut
+    Cross-Entropy's (https://arxiv.org/abs/2411.09009). Equals
+    ``(hidden @ weight.T + bias).float().log_softmax(-1).gather(-1, y[:, None])[:, 0]`` (with the
+    softcap and temperature) without allocating the N x V logits: rows with
+    ``y == ignore_index`` never enter a GEMM, and the extra memory is one logits tile per thread
+    (the C++ kernel: 512 x 256 x 4 bytes) plus O(N) row state.
+
+    Differentiable in ``hidden``, ``weight`` and ``bias`` for any upstream gradient; the backward
+    recomputes the logits tile by tile. Under ``torch.no_grad()`` nothing is kept.
+
+    Args:
+        hidden: ``[N, D]`` float32 / bfloat16 (float16 on GPU, float64 for checks).
+        weight: ``[V, D]``, same dtype and device.
+        targets: ``[N]`` int64 in ``[0, V)`` or ``ignore_index``; anything else is a ValueError
+            naming the first bad position.
+        bias: optional ``[V]``.
+        backend: "reference" | "chunked" | "cpu" | "triton"; default by device (env
+            ``FASTPREF_BACKEND`` overrides).
+    """
+    _check("linear_logprobs", hidden, weight, targets, bias, temperature, softcap)
+    opts = _options("linear_logprobs", hidden, backend, ignore_index, temperature, softcap, False)
+    if opts.backend == "reference":
+        return linear_logprobs_reference(
+            hidden, weight, targets, bias,
+            ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+        )  # fmt: skip
+    return _run(hidden, weight, targets, bias, opts)[0]
+
+
+def linear_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    r"""Entropy of each row's softmax, ``[N]`` float32 (float64 for float64), 0 where ignored.
+
+    ``H_i = -sum_v p_iv log p_iv = lse_i - sum_v p_iv z_iv`` with ``p = softmax(z)`` and ``z`` the
+    logits of ``linear_logprobs`` (same bias, softcap, temperature). ``targets`` only selects the
+    rows (``ignore_index`` rows are skipped). Equals
+    ``torch.distributions.Categorical(logits=z).entropy()`` without the N x V logits; the online
+    form keeps ``sum exp(z - m) (z - m)`` so no two large numbers cancel. The ``triton`` backend
+    computes it with the chunked PyTorch code (its kernels do log-probs only).
+    """
+    _check("linear_entropy", hidden, weight, targets, bias, temperature, softcap)
+    opts = _options("linear_entropy", hidden, backend, ignore_index, temperature, softcap, True)
+    if opts.backend == "reference":
+        return linear_entropy_reference(
+            hidden, weight, targets, bias,
+            ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+        )  # fmt: skip
+    return _run(hidden, weight, targets, bias, opts)[1]
+
+
+def sequence_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    average: bool = False,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    r"""Sum (``average=True``: mean) of the token log-probs of each sequence, ``[B]`` float32.
+
+    ``s_b = sum_t logp(labels[b, t] | hidden[b, t])`` over the tokens whose label is not
+    ``ignore_index`` (the mean divides by their count, 0 for a sequence without any). Labels are
+    aligned with ``hidden`` (no shift inside). The sequence log-likelihood of DPO
+    (https://arxiv.org/abs/2305.18290) and SimPO's average (https://arxiv.org/abs/2405.14734).
+    Equals ``linear_logprobs(hidden.flatten(0, 1), weight, labels.flatten()).view(B, T).sum(1)``.
+    """
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"sequence_logprobs: hidden must be [B, T, D] and labels [B, T]; got hidden "
+            f"{tuple(hidden.shape)} and labels {tuple(labels.shape)}"
+        )
+    B, T, D = hidden.shape
+    if not torch.compiler.is_compiling():  # name the (b, t) of a bad label; the op rechecks
+        V = weight.shape[0] if weight.dim() == 2 else 0
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            b, t = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"sequence_logprobs: labels[{b}, {t}] = {int(labels[b, t])} is outside "
+                f"[0, {V}) and is not ignore_index={ignore_index}"
+            )
+    logp = linear_logprobs(
+        hidden.reshape(B * T, D), weight, labels.reshape(B * T), bias,
+        ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
+    ).view(B, T)  # fmt: skip
+    total = logp.sum(1)
+    if not average:
+        return total
+    count = (labels != ignore_index).sum(1).clamp(min=1)
+    return total / count

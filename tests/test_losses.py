@@ -296,7 +296,7 @@ def test_sft_is_batch_token_mean():
 finite = st.floats(-20.0, 0.0, allow_nan=False, width=32)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(
     st.lists(st.tuples(finite, finite, finite, finite), min_size=1, max_size=5),
     st.floats(0.01, 3.0),
@@ -308,7 +308,7 @@ def test_zero_smoothing_reduces_cdpo_and_robust_to_dpo(rows, beta):
     torch.testing.assert_close(robust(inputs, beta=beta, label_smoothing=0.0)[0], expected)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(st.lists(st.tuples(finite, finite, finite, finite, finite), min_size=1, max_size=5))
 def test_rdpo_with_zero_gamma_is_dpo(rows):
     c, r, rc, rr, rat = zip(*rows, strict=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 SEED = 1234
 N_PAIR = 2000
-N_KTO = 2000
+N_KTO = 1600
 N_LIST = 1000
 N_SFT = 1500
 VOCAB_SIZE = 1024  # a multiple of 64, so the model's vocab_size equals the tokenizer's

@@ -235,11 +235,13 @@ def listwise_fwd(
     kind: int,
     weighting: int,
     sigma: float,
+    block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the listwise kernel: (loss [B] fp32, d loss / d scores [B, K] fp32).
 
     ``scores`` and ``relevance`` are contiguous fp32 [B, K]; ``mask`` a bool [B, K] or None;
-    ``kind``/``weighting`` the integer codes of fastpref.ops.listwise.
+    ``kind``/``weighting`` the integer codes of fastpref.ops.listwise; ``block`` the tile width
+    (a power of two; default: K rounded up to one, clamped to [16, 64]).
     """
     B, K = scores.shape
     loss = torch.empty(B, device=scores.device, dtype=torch.float32)
@@ -248,7 +250,8 @@ def listwise_fwd(
         return loss.zero_(), grad
     has_mask = mask is not None
     m = mask.contiguous().view(torch.uint8) if has_mask else scores  # dummy pointer when absent
-    block = min(64, max(16, triton.next_power_of_2(K)))
+    if block is None:
+        block = min(64, max(16, triton.next_power_of_2(K)))
     grid = (B,)
     if kind in (RANKNET, LAMBDA, LIPO):
         disc = torch.empty(B, K, device=scores.device, dtype=torch.float32)

@@ -9,10 +9,23 @@ What is fused
     then into ``dH = G @ W``, ``dW = G.T @ H`` and ``db = G.sum(0)``.
 
 What is never materialised
-    The ``N x V`` logits, probabilities and logit gradients. A program holds one
-    ``[BLOCK_N, BLOCK_V]`` fp32 tile of them in registers at a time. The only extra global
-    memory is the output: ``logp`` and ``lse`` (``2 * N * 4`` bytes) in the forward, the gradients
-    themselves in the backward. There is no fp32 scratch copy of ``dH`` or ``dW``.
+    The ``N x V`` logits and probabilities. A program holds one ``[BLOCK_N, BLOCK_V]`` fp32 tile in
+    registers at a time. Forward extra memory: the ``[N]`` fp32 ``logp`` and ``lse`` (8 bytes/row).
+
+The backward: two deterministic schemes (no atomics, fixed summation order, bitwise reproducible)
+    fused (chosen when ``D <= BLOCK_DO``, default 128): ``_bwd_dh_kernel`` programs own a block of
+        rows and loop over the vocabulary, ``_bwd_dw_kernel`` programs own a block of vocabulary
+        and loop over the rows; both recompute the logits and accumulate ``dH``/``dW``/``db`` in
+        registers. No extra memory at all; 2 recomputes + 2 GEMMs of FLOPs. For wider ``D`` each
+        of the ``ceil(D / BLOCK_DO)`` column blocks would recompute the logits again, so instead:
+    chunked (wider ``D``): ``_bwd_dlogits_kernel`` recomputes the logits once and writes
+        ``G`` for a chunk of ``V_c`` vocabulary columns, ``[N, V_c]`` in the input dtype, then two
+        plain GEMMs (cuBLAS, deterministic) give ``dH += G_c @ W_c`` and ``dW_c = G_c.T @ H``, and
+        ``db_c = G_c.sum(0)`` in fp32. 1 recompute + 2 GEMMs: with the forward, the 4-GEMM floor.
+        Extra memory: the chunk (``chunk_bytes``, default 256 MiB, independent of ``V``) plus an
+        fp32 ``[N, D]`` accumulator for ``dH`` when there are several chunks and ``hidden`` is
+        16-bit (each chunk's ``G_c @ W_c`` is then rounded to the input dtype once before the
+        fp32 sum).
 
 Why the numerics are safe
     Every tile product accumulates in fp32 (``tl.dot`` with an fp32 accumulator, also for bf16 and
@@ -23,14 +36,6 @@ Why the numerics are safe
     ``softmax = exp(z - lse)`` is <= 1 by construction. Padded vocabulary columns are set to
     ``-inf`` (probability exactly 0) and padded rows get a zero gradient, so the ragged edges of
     ``N``, ``V`` and ``D`` never leak into sums.
-
-Determinism
-    No atomics. ``dH`` is computed by programs that own a block of rows (and of ``D``) and loop over
-    the vocabulary; ``dW``/``db`` by programs that own a block of vocabulary (and of ``D``) and loop
-    over the rows. Both recompute the logits; the summation order is fixed, so results are bitwise
-    reproducible. The cost is recompute: the backward does ``2 + 2 * ceil(D / BLOCK_DO)`` GEMMs'
-    worth of FLOPs in total against the 3 of a design that keeps ``dH``/``dW`` in a scratch
-    buffer with atomics, in exchange for determinism and no scratch memory.
 
 fp32 ``tl.dot`` uses TF32 only when torch would (``torch.get_float32_matmul_precision()`` is not
 "highest"); otherwise IEEE fp32. On CPU tensors these kernels run under ``TRITON_INTERPRET=1``
@@ -263,6 +268,39 @@ def _linear_logprobs_bwd_dw_kernel(
             tl.store(db_ptr + offs_v, db.to(db_ptr.dtype.element_ty), mask=mask_v)
 
 
+@triton.jit
+def _linear_logprobs_bwd_dlogits_kernel(
+    h_ptr, w_ptr, b_ptr, tgt_ptr, g_ptr, lse_ptr, du_ptr,
+    N, V, D, v_start, v_stop,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_t, stride_dun, stride_duv,
+    inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # One program = one [BLOCK_N, BLOCK_V] tile of dLoss/d(raw logits) for vocabulary columns
+    # [v_start, v_stop), written to the chunk buffer du[:, v - v_start] in the input dtype.
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_v = v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V], global column
+    mask_n = offs_n < N
+    tgt = tl.load(tgt_ptr + offs_n * stride_t, mask=mask_n, other=0)
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    z, dz_du = _logits_tile(
+        h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D,
+        stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
+        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, PRECISION, UPCAST,
+    )
+    gu = _grad_raw_logits(z, dz_du, offs_n, offs_v, tgt, g, lse, N)  # [BLOCK_N, BLOCK_V]
+    tl.store(
+        du_ptr + offs_n[:, None] * stride_dun + (offs_v - v_start)[None, :] * stride_duv,
+        gu.to(du_ptr.dtype.element_ty),
+        mask=mask_n[:, None] & (offs_v < v_stop)[None, :],
+    )
+
+
 # fmt: on
 # ----------------------------------------------------------------------------------------------
 # launchers
@@ -406,7 +444,7 @@ def linear_logprobs_fwd(
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
         PRECISION=_precision(hidden.dtype), UPCAST=_upcast(hidden.dtype),
-        num_warps=4,
+        num_warps=8,
     )
     # fmt: on
     return logp, lse
@@ -425,6 +463,8 @@ def linear_logprobs_bwd(
     need_weight: bool,
     need_bias: bool,
     *,
+    mode: str | None = None,
+    chunk_bytes: int = 256 << 20,
     block_n: int | None = None,
     block_v: int | None = None,
     block_d: int | None = None,
@@ -437,25 +477,85 @@ def linear_logprobs_bwd(
     ``d_weight = G.T @ hidden``, ``d_bias = G.sum(0)``, each in its input's dtype with fp32
     accumulation; None where not needed. ``lse`` is the forward's. Deterministic (no atomics).
     Equals autograd through the plain-PyTorch forward in ``linear_logprobs_fwd``'s docstring.
+    ``mode`` is "fused" or "chunked" (module docstring); None picks fused iff ``D <= BLOCK_DO``.
+    ``chunk_bytes`` bounds the chunked mode's ``G`` buffer; ``block_*`` override tile sizes.
     """
     N, D, V = _check_inputs(hidden, weight, targets, bias, temperature, softcap)
     grad_logp = _check_row_vector("grad_logp", grad_logp, N, hidden.device)
     lse = _check_row_vector("lse", lse, N, hidden.device)
     if need_bias and bias is None:
         raise ValueError("need_bias=True but bias is None")
-    # The kernels write every element; with N == 0 nothing runs and the gradients are zero.
-    # Outputs are contiguous whatever the input layout.
-    alloc = torch.zeros if N == 0 else torch.empty
+    if mode not in (None, "fused", "chunked"):
+        raise ValueError(f"mode must be None, 'fused' or 'chunked', got {mode!r}")
     dev = hidden.device
-    d_hidden = alloc(hidden.shape, dtype=hidden.dtype, device=dev) if need_hidden else None
-    d_weight = alloc(weight.shape, dtype=weight.dtype, device=dev) if need_weight else None
-    d_bias = alloc(V, dtype=bias.dtype, device=dev) if need_bias else None
-    if N == 0 or not (need_hidden or need_weight or need_bias):
+    if N == 0:  # nothing to launch: zero gradients
+        d_hidden = hidden.new_zeros(hidden.shape) if need_hidden else None
+        d_weight = weight.new_zeros(weight.shape) if need_weight else None
+        d_bias = bias.new_zeros(V) if need_bias else None
         return d_hidden, d_weight, d_bias
-    BLOCK_N = _block(N, block_n, 64)
-    BLOCK_V = _block(V, block_v, 128)
-    BLOCK_D = _block(D, block_d, 64)
     BLOCK_DO = _block(D, block_do, 128)
+    if mode is None:
+        mode = "fused" if D <= BLOCK_DO else "chunked"
+    precision, upcast = _precision(hidden.dtype), _upcast(hidden.dtype)
+    b = bias if bias is not None else hidden  # dummy pointer when HAS_BIAS is False
+    inv_temp = 1.0 / temperature
+    cap = float(softcap) if softcap is not None else 1.0
+
+    if mode == "chunked":
+        BLOCK_N = _block(N, block_n, 64)
+        BLOCK_V = _block(V, block_v, 128)
+        BLOCK_D = _block(D, block_d, 64)
+        # Chunk width: a multiple of BLOCK_V with N * V_c * itemsize <= chunk_bytes (>= 1 tile).
+        per_tile = N * BLOCK_V * hidden.element_size()
+        V_c = BLOCK_V * max(1, min(chunk_bytes // per_tile, triton.cdiv(V, BLOCK_V)))
+        g_chunk = torch.empty(N, V_c, dtype=hidden.dtype, device=dev)
+        several = V_c < V
+        d_hidden = d_weight = d_bias = None
+        if need_hidden:
+            d_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev)
+            # 16-bit hidden over several chunks: sum the chunk products in fp32.
+            dh_acc = d_hidden if hidden.dtype == torch.float32 or not several else d_hidden.float()
+        if need_weight:
+            d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=dev)
+        if need_bias:
+            d_bias = torch.empty(V, dtype=bias.dtype, device=dev)
+        for v0 in range(0, V, V_c):
+            v1 = min(V, v0 + V_c)
+            g_c = g_chunk[:, : v1 - v0]  # [N, V_c]
+            grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(v1 - v0, BLOCK_V))
+            # fmt: off
+            _linear_logprobs_bwd_dlogits_kernel[grid](
+                hidden, weight, b, targets, grad_logp, lse, g_c,
+                N, V, D, v0, v1,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                targets.stride(0), g_c.stride(0), g_c.stride(1),
+                inv_temp, cap,
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+                BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
+                PRECISION=precision, UPCAST=upcast, num_warps=8,
+            )
+            # fmt: on
+            w_c = weight[v0:v1]  # [V_c, D]
+            if need_hidden:
+                if dh_acc.dtype == g_c.dtype:
+                    dh_acc.addmm_(g_c, w_c)
+                else:
+                    dh_acc += torch.mm(g_c, w_c)
+            if need_weight:
+                torch.mm(g_c.T, hidden, out=d_weight[v0:v1])
+            if need_bias:
+                d_bias[v0:v1] = g_c.sum(0, dtype=torch.float32)
+        if need_hidden and dh_acc is not d_hidden:
+            d_hidden.copy_(dh_acc)
+        return d_hidden, d_weight, d_bias
+
+    # fused: the kernels write every element of what they own
+    BLOCK_N = _block(N, block_n, 64)
+    BLOCK_V = _block(V, block_v, 64)
+    BLOCK_D = _block(D, block_d, 32)
+    d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_hidden else None
+    d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if need_weight else None
+    d_bias = torch.empty(V, dtype=bias.dtype, device=dev) if need_bias else None
     common = dict(
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=softcap is not None,
@@ -463,13 +563,10 @@ def linear_logprobs_bwd(
         BLOCK_V=BLOCK_V,
         BLOCK_D=BLOCK_D,
         BLOCK_DO=BLOCK_DO,
-        PRECISION=_precision(hidden.dtype),
-        UPCAST=_upcast(hidden.dtype),
+        PRECISION=precision,
+        UPCAST=upcast,
         num_warps=8,
     )
-    b = bias if bias is not None else hidden  # dummy pointer when HAS_BIAS is False
-    inv_temp = 1.0 / temperature
-    cap = float(softcap) if softcap is not None else 1.0
     if need_hidden and D > 0:
         grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_DO))
         # fmt: off

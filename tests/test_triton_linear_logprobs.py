@@ -29,6 +29,9 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the `triton` package (test extra)")
 
 SMALL = dict(block_n=16, block_v=16, block_d=16)  # tl.dot's minimum tile; fast in the interpreter
+# The two backward schemes (kernels/linear_logprobs.py docstring). chunk_bytes=1 makes the chunked
+# one take one BLOCK_V-wide vocabulary chunk at a time: several chunks, fp32 sum of dH.
+MODES = {"fused": dict(mode="fused"), "chunked": dict(mode="chunked", chunk_bytes=1)}
 
 # Slack on top of the reference-in-dtype error, relative to max(1, largest true value): fp32 is
 # summation-order noise; bf16 covers one bf16 rounding of the stored gradients (2^-8) with margin.
@@ -126,15 +129,17 @@ def _worker(out_path: str) -> None:
 
     results: dict = {}
 
-    def run(inp: dict, case: Case, needs=(True, True, True), **blocks):
+    def run(inp: dict, case: Case, mode: str, needs=(True, True, True)):
         h, w = inp["hidden"], inp["weight"]
         if case.transposed:  # same values, transposed storage
             h, w = h.T.contiguous().T, w.T.contiguous().T
             assert not h.is_contiguous() and not w.is_contiguous()
         args = (h, w, inp["targets"], inp["bias"])
         opts = (case.temperature, case.softcap)
+        blocks = SMALL if case.blocks else {}
         logp, lse = linear_logprobs_fwd(*args, *opts, **blocks)
-        bwd_blocks = dict(blocks, block_do=16) if blocks else {}
+        bwd_opts = dict(blocks, block_do=16) if blocks else {}
+        bwd_opts.update(MODES[mode])
         grads = linear_logprobs_bwd(
             inp["grad_logp"],
             *args,
@@ -143,20 +148,22 @@ def _worker(out_path: str) -> None:
             needs[0],
             needs[1],
             needs[2] and inp["bias"] is not None,
-            **bwd_blocks,
+            **bwd_opts,
         )
         return dict(logp=logp, lse=lse, d_hidden=grads[0], d_weight=grads[1], d_bias=grads[2])
 
     for case in CASES:
         inp = _inputs(case)
-        results[case.name] = run(inp, case, **(SMALL if case.blocks else {}))
+        for mode in MODES:
+            results[case.name, mode] = run(inp, case, mode)
 
     # Only the gradients asked for, and a second identical run is bitwise equal (no atomics).
     case = CASES[0]
     inp = _inputs(case)
-    results["bias-only"] = run(inp, case, needs=(False, False, True), **SMALL)
-    results["hidden-only"] = run(inp, case, needs=(True, False, False), **SMALL)
-    results["rerun"] = run(inp, case, **SMALL)
+    for mode in MODES:
+        results["bias-only", mode] = run(inp, case, mode, needs=(False, False, True))
+        results["hidden-only", mode] = run(inp, case, mode, needs=(True, False, False))
+        results["rerun", mode] = run(inp, case, mode)
 
     # NaN in one row of hidden: that row's logp and lse are NaN, the others are untouched.
     nan_inp = dict(inp, hidden=inp["hidden"].clone())
@@ -180,7 +187,8 @@ def _worker(out_path: str) -> None:
         bias=inp["bias"],
         grad_logp=inp["grad_logp"][:0],
     )
-    results["empty"] = run(e, case, **SMALL)
+    results["empty"] = run(e, case, "fused")
+    results["empty-chunked"] = run(e, case, "chunked")
 
     # Bad input: every check raises ValueError naming the argument (message recorded).
     h, w, y, b = inp["hidden"], inp["weight"], inp["targets"], inp["bias"]
@@ -211,7 +219,7 @@ def _worker(out_path: str) -> None:
             w,
             y,
             b,
-            results[case.name]["lse"],
+            results[case.name, "fused"]["lse"],
             case.temperature,
             case.softcap,
             True,
@@ -226,15 +234,106 @@ def _worker(out_path: str) -> None:
     torch.save(results, out_path)
 
 
+# What the interpreter cannot show: that the kernels compile for a real GPU. Triton's NVIDIA backend
+# (bundled ptxas) compiles to a Hopper cubin without a GPU present, so a type or layout error
+# that the interpreter tolerates still fails here. The production tile sizes, 16-bit and fp32.
+GPU_BUILDS = [
+    ("fwd", "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_N=64, BLOCK_V=128, BLOCK_D=64)),
+    ("fwd", "fp32", dict(HAS_BIAS=False, HAS_SOFTCAP=False, BLOCK_N=64, BLOCK_V=128, BLOCK_D=64)),
+    (
+        "bwd_dlogits",
+        "bf16",
+        dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_N=64, BLOCK_V=128, BLOCK_D=64),
+    ),
+    (
+        "bwd_dh",
+        "bf16",
+        dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, BLOCK_DO=128),
+    ),
+    (
+        "bwd_dw",
+        "bf16",
+        dict(
+            HAS_BIAS=True,
+            HAS_SOFTCAP=True,
+            BLOCK_N=64,
+            BLOCK_V=64,
+            BLOCK_D=32,
+            BLOCK_DO=128,
+            NEED_WEIGHT=True,
+            NEED_BIAS=True,
+        ),
+    ),
+]
+
+
+def _compile_worker() -> None:
+    assert os.environ.get("TRITON_INTERPRET", "0") == "0", "compile without TRITON_INTERPRET"
+    import triton
+    from fastpref.kernels import linear_logprobs as K
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for name, dtype, consts in GPU_BUILDS:
+        fn = getattr(K, f"_linear_logprobs_{name}_kernel")
+        consts = dict(consts, PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+        sig = {}
+        for arg in fn.arg_names:
+            if arg in consts:
+                sig[arg] = "constexpr"
+            elif arg in ("tgt_ptr",):
+                sig[arg] = "*i64"
+            elif arg in ("g_ptr", "lse_ptr", "logp_ptr"):
+                sig[arg] = "*fp32"
+            elif arg.endswith("_ptr"):
+                sig[arg] = f"*{dtype}"
+            else:
+                sig[arg] = "fp32" if arg in ("inv_temp", "softcap") else "i32"
+        src = ASTSource(
+            fn=fn,
+            signature=sig,
+            constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+        )
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+        assert compiled.asm["cubin"], name
+        print(f"compiled {name} {dtype}")
+
+
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("triton_interpret") / "results.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=300
+def _workers(tmp_path_factory) -> dict:
+    """Start both subprocesses at once (the interpreter run and the GPU compile)."""
+    tmp = tmp_path_factory.mktemp("triton_linear_logprobs")
+    out = tmp / "results.pt"
+    interp_env = dict(os.environ, TRITON_INTERPRET="1")
+    compile_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    compile_env["TRITON_CACHE_DIR"] = str(tmp / "cache")  # compile for real, not from a cache
+    start = lambda args, env: subprocess.Popen(
+        [sys.executable, __file__, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
-    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout}\n{proc.stderr}"
-    return torch.load(out, weights_only=False)
+    procs = {
+        "interpret": start([str(out)], interp_env),
+        "compile": start(["--compile"], compile_env),
+    }
+    yield {"out": out, **procs}
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _finish(proc: subprocess.Popen, what: str) -> str:
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"{what} worker failed:\n{output}"
+    return output
+
+
+@pytest.fixture(scope="module")
+def kernel(_workers) -> dict:
+    _finish(_workers["interpret"], "interpreter")
+    return torch.load(_workers["out"], weights_only=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,21 +369,24 @@ def _assert_three_way(got: dict, case: Case, keys=ALL_KEYS):
         )
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_matches_reference(kernel, case):
-    _assert_three_way(kernel[case.name], case)
+def test_matches_reference(kernel, case, mode):
+    _assert_three_way(kernel[case.name, mode], case)
 
 
-def test_only_requested_gradients(kernel):
-    bias_only, hidden_only = kernel["bias-only"], kernel["hidden-only"]
+@pytest.mark.parametrize("mode", MODES)
+def test_only_requested_gradients(kernel, mode):
+    bias_only, hidden_only = kernel["bias-only", mode], kernel["hidden-only", mode]
     assert bias_only["d_hidden"] is None and bias_only["d_weight"] is None
     assert hidden_only["d_weight"] is None and hidden_only["d_bias"] is None
     _assert_three_way(bias_only, CASES[0], keys=("d_bias",))
     _assert_three_way(hidden_only, CASES[0], keys=("d_hidden",))
 
 
-def test_backward_is_deterministic(kernel):
-    first, again = kernel[CASES[0].name], kernel["rerun"]
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_is_deterministic(kernel, mode):
+    first, again = kernel[CASES[0].name, mode], kernel["rerun", mode]
     for key in ("logp", "lse", "d_hidden", "d_weight", "d_bias"):
         assert torch.equal(first[key], again[key]), key
 
@@ -293,13 +395,14 @@ def test_nan_stays_in_its_row(kernel):
     logp, lse = kernel["nan-row"]["logp"], kernel["nan-row"]["lse"]
     assert logp[2].isnan() and lse[2].isnan()
     others = [0, 1, 3, 4]
-    clean = kernel[CASES[0].name]
+    clean = kernel[CASES[0].name, "fused"]
     torch.testing.assert_close(logp[others], clean["logp"][others], rtol=0, atol=0)
     torch.testing.assert_close(lse[others], clean["lse"][others], rtol=0, atol=0)
 
 
-def test_empty_rows(kernel):
-    out = kernel["empty"]
+@pytest.mark.parametrize("key", ["empty", "empty-chunked"])
+def test_empty_rows(kernel, key):
+    out = kernel[key]
     case = CASES[0]
     assert out["logp"].shape == (0,) and out["lse"].shape == (0,)
     assert out["d_hidden"].shape == (0, case.D)
@@ -324,5 +427,11 @@ def test_bad_input_raises_value_error_naming_it(kernel, name, expected):
     assert expected in kernel["errors"][name]
 
 
+def test_kernels_compile_for_a_gpu(_workers):
+    output = _finish(_workers["compile"], "GPU compile")
+    for name, dtype, _ in GPU_BUILDS:
+        assert f"compiled {name} {dtype}" in output
+
+
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    _compile_worker() if sys.argv[1] == "--compile" else _worker(sys.argv[1])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 
 import pytest
@@ -231,7 +232,50 @@ def _worker(out_path: str) -> None:
         errors["grad-length"] = str(err)
     results["errors"] = errors
 
+    # End to end through the public op: ignored rows, autograd, default tile sizes.
+    try:
+        results["public-op"] = _public_op_run()
+    except Exception:  # reported by its own test, so the kernel tests above still run
+        results["public-op"] = traceback.format_exc()
+
     torch.save(results, out_path)
+
+
+PUBLIC = Case("public-op", torch.float32, 7, 19, 37, True, 0.7, 3.0)
+IGNORED = [1, 4]  # rows whose target is ignore_index
+
+
+def _public_inputs() -> dict:
+    inp = _inputs(PUBLIC, seed=1)
+    inp["targets"][IGNORED] = -100
+    return inp
+
+
+def _public_op_run() -> dict:
+    from fastpref.kernels import linear_logprobs as K
+
+    import fastpref
+
+    calls = []  # proof that the op reached these launchers rather than a fallback
+    for name in ("linear_logprobs_fwd", "linear_logprobs_bwd"):
+        launcher = getattr(K, name)
+        counted = lambda *a, _f=launcher, _n=name, **k: calls.append(_n) or _f(*a, **k)
+        setattr(K, name, counted)
+    inp = _public_inputs()
+    leaves = {k: inp[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
+    logp = fastpref.linear_logprobs(
+        leaves["hidden"],
+        leaves["weight"],
+        inp["targets"],
+        leaves["bias"],
+        temperature=PUBLIC.temperature,
+        softcap=PUBLIC.softcap,
+        backend="triton",
+    )
+    (logp * inp["grad_logp"]).sum().backward()
+    out = {"logp": logp.detach(), "calls": calls}
+    out.update({f"d_{k}": leaf.grad for k, leaf in leaves.items()})
+    return out
 
 
 # What the interpreter cannot show: that the kernels compile for a real GPU. Triton's NVIDIA backend
@@ -425,6 +469,25 @@ def test_empty_rows(kernel, key):
 )
 def test_bad_input_raises_value_error_naming_it(kernel, name, expected):
     assert expected in kernel["errors"][name]
+
+
+def test_public_op_with_triton_backend(kernel):
+    """fastpref.linear_logprobs(backend="triton"): rows with ignore_index give 0 and no gradient."""
+    got = kernel["public-op"]
+    assert isinstance(got, dict), f"fastpref.linear_logprobs(backend='triton') raised:\n{got}"
+    assert got["calls"] == ["linear_logprobs_fwd", "linear_logprobs_bwd"]
+    inp = _public_inputs()
+    kept = torch.tensor([i not in IGNORED for i in range(PUBLIC.N)])
+    compact = dict(inp, hidden=inp["hidden"][kept], targets=inp["targets"][kept])
+    compact["grad_logp"] = inp["grad_logp"][kept]
+    truth = _reference_with_grads(compact, PUBLIC, torch.float32)
+    assert torch.equal(got["logp"][~kept], torch.zeros(len(IGNORED)))
+    assert torch.equal(got["d_hidden"][~kept], torch.zeros(len(IGNORED), PUBLIC.D))
+    tol = dict(rtol=0, atol=TOL[torch.float32])
+    torch.testing.assert_close(got["logp"][kept], truth["logp"], **tol)
+    torch.testing.assert_close(got["d_hidden"][kept], truth["d_hidden"], **tol)
+    torch.testing.assert_close(got["d_weight"], truth["d_weight"], **tol)
+    torch.testing.assert_close(got["d_bias"], truth["d_bias"], **tol)
 
 
 def test_kernels_compile_for_a_gpu(_workers):

@@ -45,7 +45,7 @@ class TrainConfig:
         None, "column remapping canonical=source,... e.g. prompt=question"
     )
     eval_split: str | None = _opt(None, "held-out data file (default: --eval-fraction of --data)")
-    eval_fraction: float = _opt(0.2, "fraction of --data held out when no --eval-split is given")
+    eval_fraction: float = _opt(0.1, "fraction of --data held out when no --eval-split is given")
     max_length: int = _opt(192, "max tokens of prompt+completion (the prompt's start is cut first)")
     # optimisation
     lr: float | None = _opt(
@@ -56,7 +56,9 @@ class TrainConfig:
         "cosine", "learning-rate schedule after warmup: cosine | linear | constant"
     )
     warmup_ratio: float = _opt(0.1, "fraction of the steps spent warming the lr up linearly from 0")
-    epochs: float = _opt(3.0, "passes over the training data (ignored when --max-steps is set)")
+    epochs: float | None = _opt(
+        None, "passes over the data; none: 1, or 60 steps with bundled data"
+    )
     max_steps: int | None = _opt(None, "optimizer steps (overrides --epochs)")
     micro_batch: int = _opt(8, "examples per micro-batch per process")
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")

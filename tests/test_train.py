@@ -1,0 +1,268 @@
+"""fastpref-train end to end, in this process, on a tiny Llama (D=32, 2 layers) and 48-row slices
+of the bundled datasets: every loss in scope, the DPO family's ln 2 start, accumulation
+equivalence, the reference-log-prob cache, outputs, config precedence and bad input.
+
+The model is tiny and max_length 64 so a run is a few seconds on a shared 2-core CPU; the trainer
+code paths are the same as for a real model. Multi-process and kill/resume runs live in
+test_train_distributed.py (they need fresh processes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from fastpref.cli.train import main
+from fastpref.data import bundled_tokenizer_path, default_data
+from fastpref.losses import LOSSES
+from fastpref.train import ConfigError, build_parser, parse_config, train
+from fastpref.train.config import TrainConfig
+
+FORMATS = {spec.data_format for spec in LOSSES.values()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_process_group():
+    """The trainer joins a one-rank gloo group; leave no group or env vars behind for others."""
+    env = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_tokenizer_path()))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    for fmt in FORMATS:
+        lines = default_data(fmt).read_text().splitlines()[:48]
+        (root / f"{fmt}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _args(assets, tmp_path, loss, *extra, steps=4):
+    fmt = LOSSES[loss].data_format
+    return [
+        "--loss",
+        loss,
+        "--model",
+        str(assets / "model"),
+        "--data",
+        str(assets / f"{fmt}.jsonl"),
+        "--max-length",
+        "64",
+        "--micro-batch",
+        "4",
+        "--max-steps",
+        str(steps),
+        "--lr",
+        "5e-3",
+        "--eval-fraction",
+        "0.25",
+        "--eval-every",
+        "100",
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output-dir",
+        str(tmp_path / loss),
+        *extra,
+    ]
+
+
+def _run(argv):
+    summary = train(parse_config(argv))
+    records = [
+        json.loads(line) for line in open(os.path.join(summary["output_dir"], "metrics.jsonl"))
+    ]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval/loss" in r]
+    return summary, steps, evals
+
+
+# Step-0 loss when policy = reference (log-ratios 0), β = 0.1: −log σ(0) = ln 2 for dpo and its
+# label-smoothed variants (cdpo: −(1−ε)log σ(0) − ε log σ(0); robust divides the same by 1−2ε
+# after the −ε term flips sign: ((1−ε) − ε)·ln 2/(1−2ε)); hinge: max(0, 1 − 0) = 1;
+# ipo: (0 − 1/(2β))² = 25.
+START = {"dpo": math.log(2), "cdpo": math.log(2), "robust": math.log(2), "hinge": 1.0, "ipo": 25.0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_every_loss_trains_end_to_end(assets, tmp_path, loss):
+    summary, steps, evals = _run(_args(assets, tmp_path, loss))
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
+    before, after = evals[0], evals[-1]
+    assert after["eval/loss"] < before["eval/loss"], (before, after)  # the same held-out rows
+    assert 0.0 <= summary["accuracy_after"] <= 1.0
+    if loss in START:
+        assert before["eval/loss"] == pytest.approx(START[loss], rel=1e-4)
+        assert steps[0]["loss"] == pytest.approx(START[loss], rel=1e-4)  # no update before step 1
+        assert before["eval/accuracy"] == 0.5  # identical rewards: every pair a tie
+    assert (assets / "model").exists() and (
+        tmp_path / loss / "model" / "model.safetensors"
+    ).exists()
+
+
+def test_outputs_metrics_curves_and_model(assets, tmp_path):
+    summary, steps, evals = _run(_args(assets, tmp_path, "dpo", "--tensorboard"))
+    out = tmp_path / "dpo"
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "grad_norm",
+        "lr",
+        "tokens/s",
+    ):
+        assert key in steps[-1], key
+    assert steps[0]["lr"] > 0 and steps[-1]["lr"] < max(r["lr"] for r in steps)  # warmup then decay
+    assert {"eval/loss", "eval/accuracy", "eval/rewards/margins"} <= set(evals[-1])
+    assert (out / "curves.png").stat().st_size > 1000
+    assert any((out / "tb").iterdir())
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    AutoTokenizer.from_pretrained(out / "model")
+    initial = load_file(assets / "model" / "model.safetensors")
+    assert not torch.equal(model.lm_head.weight, initial["lm_head.weight"])  # it trained
+    assert (
+        json.loads((out / "summary.json").read_text())["accuracy_after"]
+        == summary["accuracy_after"]
+    )
+
+
+def test_grad_accumulation_equals_one_large_batch(assets, tmp_path):
+    base = _args(assets, tmp_path, "dpo", steps=3)
+    one = base + ["--micro-batch", "4", "--grad-accum", "1", "--output-dir", str(tmp_path / "a")]
+    acc = base + ["--micro-batch", "2", "--grad-accum", "2", "--output-dir", str(tmp_path / "b")]
+    _, big, _ = _run(one)
+    _, small, _ = _run(acc)
+    for r1, r2 in zip(big, small, strict=True):
+        assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-4, abs=1e-5)
+        assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-3)
+    w1 = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    w2 = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-5)
+
+
+def test_reference_cache_is_hit_and_matches_in_pass_reference(assets, tmp_path):
+    first, steps1, _ = _run(_args(assets, tmp_path, "dpo", "--output-dir", str(tmp_path / "1")))
+    second, steps2, _ = _run(_args(assets, tmp_path, "dpo", "--output-dir", str(tmp_path / "2")))
+    assert first["reference_cache_hit"] is False and second["reference_cache_hit"] is True
+    assert [r["loss"] for r in steps1] == [r["loss"] for r in steps2]
+    in_pass, steps3, _ = _run(
+        _args(assets, tmp_path, "dpo", "--ref-in-pass", "--output-dir", str(tmp_path / "3"))
+    )
+    assert in_pass["reference_cache_hit"] is None
+    for a, b in zip(steps1, steps3, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    # other data -> another key: a miss, never a stale table
+    third, _, _ = _run(
+        _args(assets, tmp_path, "dpo", "--max-length", "24", "--output-dir", str(tmp_path / "4"))
+    )
+    assert third["reference_cache_hit"] is False
+
+
+def test_reference_free_loss_loads_no_reference(assets, tmp_path, monkeypatch):
+    import fastpref.train.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "compute_reference_table", lambda *a, **k: calls.append(1))
+    summary, _, _ = _run(_args(assets, tmp_path, "orpo", steps=1))
+    assert calls == [] and summary["reference_cache_hit"] is None
+
+
+def test_config_file_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss: dpo\nmicro-batch: 3\nlr: 0.1\nbeta: 0.5\ncolumns: {prompt: question}\n")
+    cfg = parse_config(["--config", str(path), "--lr", "0.01"])
+    assert (cfg.loss, cfg.micro_batch, cfg.lr, cfg.beta) == ("dpo", 3, 0.01, 0.5)
+    assert cfg.columns == {"prompt": "question"}
+    json_path = tmp_path / "c.json"
+    json_path.write_text(json.dumps({"zero_stage": 2, "bf16": True}))
+    cfg = parse_config(["--config", str(json_path), "--columns", "chosen=good,rejected=bad"])
+    assert (cfg.zero_stage, cfg.bf16, cfg.columns) == (
+        2,
+        True,
+        {"chosen": "good", "rejected": "bad"},
+    )
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        build_parser(list(LOSSES)).parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, f in TrainConfig.__dataclass_fields__.items():
+        assert "--" + name.rstrip("_").replace("_", "-") in text
+        assert f"(default: {f.default})" in text
+    assert "losses: " + ", ".join(LOSSES) in text
+
+
+def _cli_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input_is_reported_before_training(assets, tmp_path, capsys):
+    base = _args(assets, tmp_path, "dpo")
+    assert "choose one of" in _cli_error(capsys, ["--loss", "nope"])
+    assert "does not exist" in _cli_error(capsys, base + ["--model", str(tmp_path / "missing")])
+    assert "does not exist" in _cli_error(
+        capsys, base + ["--data", str(tmp_path / "missing.jsonl")]
+    )
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("lr: [unclosed\n")
+    assert "not valid YAML" in _cli_error(capsys, ["--config", str(bad_yaml)])
+    assert "cannot read" in _cli_error(capsys, ["--config", str(tmp_path / "none.yaml")])
+    (tmp_path / "typo.yaml").write_text("learning_rate: 0.1\n")
+    assert "unknown option 'learning_rate'" in _cli_error(
+        capsys, ["--config", str(tmp_path / "typo.yaml")]
+    )
+    assert "needs a reference model" in _cli_error(capsys, base + ["--ref-model", "none"])
+    assert "not a hyperparameter of dpo" in _cli_error(capsys, base + ["--gamma", "1"])
+    rows = (assets / "pair.jsonl").read_text().splitlines()
+    row = json.loads(rows[2])
+    del row["rejected"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join(rows[:2] + [json.dumps(row)] + rows[3:]) + "\n")
+    err = _cli_error(capsys, base + ["--data", str(broken)])
+    assert "broken.jsonl" in err and "rejected" in err and "3" in err, err
+    assert not (tmp_path / "dpo").exists()  # nothing ran
+
+
+def test_existing_checkpoints_are_never_overwritten(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = _args(assets, tmp_path, "orpo", "--save-every", "1", "--output-dir", str(out), steps=2)
+    _run(argv)
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert latest == "step_000002" and (out / "checkpoints" / latest).is_dir()
+    assert "already holds checkpoints" in _cli_error(capsys, argv)
+    assert (out / "checkpoints" / "latest").read_text() == latest
+    with pytest.raises(ConfigError, match="needs --output-dir"):
+        train(TrainConfig(resume=True))

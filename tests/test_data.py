@@ -240,6 +240,8 @@ def test_bad_json_line_and_missing_file(tmp_path):
         load_rows(str(path), "sft")
     with pytest.raises(DataError, match="file not found"):
         load_rows(str(tmp_path / "nope.jsonl"), "sft")
+    with pytest.raises(DataError, match="not a file"):
+        load_rows(str(tmp_path), "sft")
     with pytest.raises(ValueError, match="choose one of pair, pair_rationale, kto, list, sft"):
         load_rows(str(path), "pairs")
 

@@ -129,7 +129,9 @@ def _read(source: str) -> tuple[str, list[tuple[int, Any]]]:
         if suffix in (".csv", ".parquet"):
             return _read_with_datasets(suffix[1:], path)
         raise DataError(f"{source}: unsupported file type; use one of {', '.join(_LOCAL_SUFFIXES)}")
-    if suffix in _LOCAL_SUFFIXES or path.exists() or source.startswith((".", "/", "~")):
+    if path.exists():
+        raise DataError(f"{source}: not a file; expected one of {', '.join(_LOCAL_SUFFIXES)}")
+    if suffix in _LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
         raise DataError(f"{source}: file not found")
     return _read_hub(source)
 

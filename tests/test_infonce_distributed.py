@@ -9,39 +9,13 @@ i.e. the single-process gradient of ``(loss_global * w).sum()`` restricted to th
 from __future__ import annotations
 
 import datetime
-import sys
-import types
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-# --- TEMPORARY: materialising stand-in for fastpref.ops.linear_logprobs (issue 2) until it lands.
-try:
-    import fastpref.ops.linear_logprobs  # noqa: F401
-except ModuleNotFoundError:
-
-    def _standin_linear_logprobs(
-        hidden,
-        weight,
-        targets,
-        bias=None,
-        *,
-        ignore_index=-100,
-        temperature=1.0,
-        softcap=None,
-        backend=None,
-    ):
-        z = (hidden @ weight.T).float() / temperature
-        return z.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-
-    _mod = types.ModuleType("fastpref.ops.linear_logprobs")
-    _mod.linear_logprobs = _standin_linear_logprobs
-    sys.modules["fastpref.ops.linear_logprobs"] = _mod
-# --- end TEMPORARY
-
-from fastpref.ops.infonce import infonce, infonce_reference  # noqa: E402
+from fastpref.ops.infonce import infonce, infonce_reference
 
 WORLD = 2
 D = 8
@@ -108,8 +82,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("infonce_dist")
-    # A FileStore rendezvous: no TCP port to pick, so no collision with other runs.
-    mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
+    # Fork, not spawn: a spawned child spends seconds re-importing torch and torch._dynamo (the
+    # first custom-op call imports it), so warm that up here once. Safe as in DataLoader
+    # workers: the children run single-threaded (torch.set_num_threads(1)) and start no OpenMP
+    # pool. A FileStore rendezvous: no TCP port to pick, so no collision with other runs.
+    infonce(torch.randn(2, 4), torch.randn(2, 4), backend="chunked")
+    args = (str(tmp / "store"), str(tmp))
+    mp.start_processes(_worker, args=args, nprocs=WORLD, join=True, start_method="fork")
     return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -1,5 +1,6 @@
 """The public fused ops. Each returns per-row float32 values; the caller reduces."""
 
+from fastpref.ops.infonce import infonce
 from fastpref.ops.linear_logprobs import linear_entropy, linear_logprobs, sequence_logprobs
 from fastpref.ops.listwise import listwise_loss
 
@@ -8,4 +9,5 @@ __all__: list[str] = [
     "sequence_logprobs",
     "linear_entropy",
     "listwise_loss",
+    "infonce",
 ]

@@ -314,12 +314,14 @@ class _AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, sizes: list[int], rank: int) -> Tensor:  # type: ignore[override]
-        dist = torch.distributed
         width = max(sizes)
-        padded = x.new_zeros((width, x.shape[1]))
-        padded[: x.shape[0]] = x
+        if x.shape[0] == width:
+            padded = x.contiguous()
+        else:  # collectives need one shape on every rank: pad the short ranks
+            padded = x.new_zeros((width, x.shape[1]))
+            padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded.contiguous())
+        torch.distributed.all_gather(parts, padded)
         ctx.sizes, ctx.rank = sizes, rank
         return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
 

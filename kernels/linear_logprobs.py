@@ -154,14 +154,16 @@ def _linear_logprobs_fwd_kernel(
 ):
     # One program = BLOCK_N rows; it walks the whole vocabulary keeping a running max and sum.
     pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    # Row and vocabulary indices are int64 so that index * stride cannot overflow for V * D or
+    # N * D >= 2^31 (e.g. a 256k vocabulary at D = 8192).
+    offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
     mask_n = offs_n < N
     tgt = tl.load(tgt_ptr + offs_n * stride_t, mask=mask_n, other=0)  # [BLOCK_N]
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)  # running max
     s = tl.zeros([BLOCK_N], dtype=tl.float32)  # running sum of exp(z - m)
     z_tgt = tl.zeros([BLOCK_N], dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)  # [BLOCK_V]
+        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # [BLOCK_V]
         z, _ = _logits_tile(
             h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D,
             stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
@@ -190,7 +192,7 @@ def _linear_logprobs_bwd_dh_kernel(
     # One program = dH[BLOCK_N rows, BLOCK_DO columns], accumulated in registers over the vocab.
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
     offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)  # [BLOCK_DO]
     mask_n = offs_n < N
     mask_do = offs_do < D
@@ -199,7 +201,7 @@ def _linear_logprobs_bwd_dh_kernel(
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)  # [BLOCK_N, BLOCK_DO]
     for v0 in range(0, V, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
+        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         z, dz_du = _logits_tile(
             h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D,
             stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
@@ -232,14 +234,14 @@ def _linear_logprobs_bwd_dw_kernel(
     # accumulated in registers over all N rows.
     pid_v = tl.program_id(0)
     pid_d = tl.program_id(1)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
+    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # [BLOCK_V]
     offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)  # [BLOCK_DO]
     mask_v = offs_v < V
     mask_do = offs_do < D
     acc = tl.zeros([BLOCK_V, BLOCK_DO], dtype=tl.float32)  # [BLOCK_V, BLOCK_DO]
     db = tl.zeros([BLOCK_V], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_n = offs_n < N
         tgt = tl.load(tgt_ptr + offs_n * stride_t, mask=mask_n, other=0)
         g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
@@ -282,8 +284,9 @@ def _linear_logprobs_bwd_dlogits_kernel(
     # [v_start, v_stop), written to the chunk buffer du[:, v - v_start] in the input dtype.
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    offs_v = v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V], global column
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
+    # [BLOCK_V], global vocabulary column
+    offs_v = (v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     mask_n = offs_n < N
     tgt = tl.load(tgt_ptr + offs_n * stride_t, mask=mask_n, other=0)
     g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)

@@ -130,6 +130,11 @@ def test_local_files_load(tmp_path, fmt, writer):
     assert load_rows(str(path), fmt) == ROWS[fmt]
 
 
+def test_csv_text_that_looks_like_json_stays_text(tmp_path):
+    rows = [{"prompt": "[1, 2] or [3]?", "completion": "[1, 2]"}]
+    assert load_rows(str(write_csv(tmp_path / "j.csv", rows)), "sft") == rows
+
+
 def test_json_array_loads(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(ROWS["pair"]))

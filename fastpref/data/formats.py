@@ -164,12 +164,15 @@ class _Row:
         value = self.record.get(self.columns.get(field, field))
         if value is None:
             raise self.fail(field, "is missing")
-        if self.from_text and isinstance(value, str) and value.lstrip().startswith(("[", "{")):
-            # CSV cells hold lists (responses, scores, chat messages) as JSON text.
+        if self.from_text and isinstance(value, str) and value.lstrip().startswith("["):
+            # CSV cells hold lists (responses, scores, chat messages) as JSON text; a text cell
+            # that merely looks like JSON stays text unless it is a list of chat messages.
             try:
-                return json.loads(value)
+                parsed = json.loads(value)
             except json.JSONDecodeError:
                 return value
+            if field in _LIST_FIELDS or _looks_like_chat(parsed):
+                return parsed
         return value
 
     def text_or_chat(self, field: str) -> str | list[dict[str, str]]:
@@ -227,6 +230,17 @@ class _Row:
         if not isinstance(value, bool):
             raise self.fail(field, f"must be a boolean (true = desirable), got {_type_name(value)}")
         return value
+
+
+_LIST_FIELDS = ("responses", "scores", "messages")
+
+
+def _looks_like_chat(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(m, dict) and "role" in m for m in value)
+    )
 
 
 def _type_name(value: Any) -> str:

@@ -19,6 +19,8 @@ import torch
 import transformers
 from torch import Tensor, nn
 
+from fastpref.ops import sequence_logprobs
+
 __all__ = [
     "LMHead",
     "PolicyLogps",
@@ -60,34 +62,6 @@ def backbone(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
-def _sequence_logprobs_fallback(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    bias: Tensor | None = None,
-    *,
-    softcap: float | None = None,
-    **_: object,
-) -> Tensor:
-    # SHIM (trainer-owned): used only while `fastpref.sequence_logprobs` is not exported.
-    # Materialises the logits of the labelled rows only; same contract as the fused op.
-    mask = labels != IGNORE_INDEX
-    z = hidden[mask] @ weight.T
-    if bias is not None:
-        z = z + bias
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
-    logp = z.float().log_softmax(-1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
-    out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    return out.masked_scatter(mask, logp).sum(-1)
-
-
-def _resolve_sequence_logprobs():
-    import fastpref
-
-    return getattr(fastpref, "sequence_logprobs", None) or _sequence_logprobs_fallback
-
-
 class PolicyLogps(nn.Module):
     """``forward(input_ids, attention_mask, labels) -> (Σ log p [N], completion tokens [N])``.
 
@@ -101,7 +75,6 @@ class PolicyLogps(nn.Module):
     def __init__(self, model: nn.Module, *, zero_stage: int = 0) -> None:
         super().__init__()
         self.model = model
-        self._sequence_logprobs = _resolve_sequence_logprobs()
         if zero_stage == 3:
             import deepspeed
 
@@ -117,9 +90,7 @@ class PolicyLogps(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state  # [N, T, D]
         head = lm_head(self.model)
-        logps = self._sequence_logprobs(
-            hidden, head.weight, labels, head.bias, softcap=head.softcap
-        )
+        logps = sequence_logprobs(hidden, head.weight, labels, head.bias, softcap=head.softcap)
         return logps, (labels != IGNORE_INDEX).sum(-1).float()
 
 

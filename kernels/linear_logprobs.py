@@ -44,6 +44,9 @@ fp32 ``tl.dot`` uses TF32 only when torch would (``torch.get_float32_matmul_prec
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -333,6 +336,17 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _on_inputs_device(launcher):
+    # Triton launches on the current CUDA device: make it the inputs' (cuda:1 under cuda:0).
+    @functools.wraps(launcher)
+    def wrapper(first: torch.Tensor, *args, **kwargs):
+        guard = torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext()
+        with guard:
+            return launcher(first, *args, **kwargs)
+
+    return wrapper
+
+
 def _check_inputs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -408,6 +422,7 @@ def _check_row_vector(name: str, t: torch.Tensor, N: int, device: torch.device) 
     return t.to(torch.float32).contiguous()
 
 
+@_on_inputs_device
 def linear_logprobs_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -453,6 +468,7 @@ def linear_logprobs_fwd(
     return logp, lse
 
 
+@_on_inputs_device
 def linear_logprobs_bwd(
     grad_logp: torch.Tensor,
     hidden: torch.Tensor,

@@ -74,6 +74,7 @@ def linear_logprobs_reference(
     softcap: float | None = None,
 ) -> Tensor:
     """``linear_logprobs`` in plain PyTorch; materialises the N x V logits (tests only)."""
+    _kept_rows(targets, ignore_index, weight.shape[0])  # the same ValueError as the fused path
     keep = targets != ignore_index
     logp = _reference_logits(hidden, weight, bias, temperature, softcap).log_softmax(-1)
     picked = logp.gather(-1, torch.where(keep, targets, 0)[:, None])[:, 0]
@@ -91,6 +92,7 @@ def linear_entropy_reference(
     softcap: float | None = None,
 ) -> Tensor:
     """``linear_entropy`` in plain PyTorch; materialises the N x V logits (tests only)."""
+    _kept_rows(targets, ignore_index, weight.shape[0])
     z = _reference_logits(hidden, weight, bias, temperature, softcap)
     ent = torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1)
     return torch.where(targets != ignore_index, ent, 0.0)
@@ -229,7 +231,6 @@ def _bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dH, dW, db); a gradient that is not needed comes back as an empty [0] tensor."""
     N = hidden.shape[0]
-    empty = hidden.new_empty((0,))
     rows = _kept_rows(targets, ignore_index, weight.shape[0])
     n_kept = N if rows is None else rows.numel()
     dh = dw = db = None
@@ -257,20 +258,19 @@ def _bwd_op(
     if need_bias and bias is not None:
         db = torch.zeros_like(bias) if db is None else db.to(bias.dtype)
     return (
-        dh if need_hidden else empty,
-        dw if need_weight else empty,
-        db if need_bias and bias is not None else empty,
+        dh if need_hidden else hidden.new_empty((0,)),
+        dw if need_weight else hidden.new_empty((0,)),
+        db if need_bias and bias is not None else hidden.new_empty((0,)),
     )
 
 
 @_bwd_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, ignore_index,
       temperature, softcap, need_hidden, need_weight, need_bias, backend):  # fmt: skip
-    empty = hidden.new_empty((0,))
     return (
-        torch.empty_like(hidden) if need_hidden else empty,
-        torch.empty_like(weight) if need_weight else empty,
-        torch.empty_like(bias) if need_bias and bias is not None else empty,
+        torch.empty_like(hidden) if need_hidden else hidden.new_empty((0,)),
+        torch.empty_like(weight) if need_weight else hidden.new_empty((0,)),
+        torch.empty_like(bias) if need_bias and bias is not None else hidden.new_empty((0,)),
     )
 
 

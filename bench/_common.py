@@ -71,14 +71,13 @@ def hardware() -> dict[str, object]:
 
 @dataclass
 class ChildRun:
-    """A finished worker process: exit code, output, wall time, peak resident set (ru_maxrss)."""
+    """A finished worker process: exit code, output and wall time."""
 
     cmd: list[str]
     rc: int
     stdout: str
     stderr: str
     wall_s: float
-    peak_rss_mb: float
 
     def check(self) -> ChildRun:
         if self.rc != 0:
@@ -93,28 +92,23 @@ class ChildRun:
 def run_child(
     cmd: list[str], *, env: dict[str, str] | None = None, timeout: float | None = None
 ) -> ChildRun:
-    """Run ``cmd`` and return its output, wall time and peak RSS.
+    """Run ``cmd`` and return its output and wall time.
 
-    The peak is ``ru_maxrss`` of this one child from ``os.wait4`` (the largest resident set the
-    process, or any of its own waited-for children, ever had), so runs measured one after another
-    from the same pytest process do not contaminate each other.
+    Peak memory is reported by the worker itself (:func:`peak_rss_mb`, read just before it exits):
+    the parent's ``ru_maxrss`` of a child is useless here, because Linux starts a forked child's
+    high-water mark at the parent's resident set (a pytest process holding gigabytes of inputs).
     """
     full_env = dict(os.environ)
     full_env.update(env or {})
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=full_env)
-        timer = None
-        if timeout is not None:
-            timer = threading.Timer(timeout, proc.kill)
-            timer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            if timer is not None:
-                timer.cancel()
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         return ChildRun(
@@ -123,13 +117,29 @@ def run_child(
             stdout=out.read(),
             stderr=err.read(),
             wall_s=wall,
-            peak_rss_mb=usage.ru_maxrss / 1024.0,  # Linux reports KiB
         )
 
 
 def python_worker(script: str, *args: str) -> list[str]:
     """Command line that runs ``bench/<script>`` with this interpreter."""
     return [sys.executable, str(BENCH_DIR / script), *args]
+
+
+def peak_rss_mb() -> float:
+    """High-water mark of this process's resident set since it started (VmHWM), in MiB.
+
+    VmHWM belongs to the address space created by ``exec``, so it counts only this worker,
+    whatever the parent held when it forked.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def loadavg() -> float:
+    """1-minute load average: other processes competing for the cores while we measure."""
+    return os.getloadavg()[0]
 
 
 def current_rss_bytes() -> int:

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import peak_rss_mb
+
 
 def main() -> int:
     out, sep, *argv = sys.argv[1:]
@@ -40,6 +42,7 @@ def main() -> int:
     rc = cli_main(argv)
     result["train_call_s"] = time.perf_counter() - start
     result["rc"] = rc
+    result["peak_rss_mb"] = peak_rss_mb()
     Path(out).write_text(json.dumps(result, indent=2))
     return rc
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import peak_rss_mb
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
@@ -127,6 +128,7 @@ def main() -> None:
         "completion_tokens": sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
         "steps": steps,
         "torch_threads": torch.get_num_threads(),
+        "peak_rss_mb": peak_rss_mb(),
     }
     Path(a.out).write_text(json.dumps(result, indent=2))
 

@@ -11,11 +11,12 @@ gradients in its hidden states and lm_head weight, the reference runs without gr
   through the same call).
 - ``eager``: plain PyTorch that materialises the [2P, T, V] logits and ``log_softmax`` of both.
 
-Time: pytest-benchmark, in this process. Memory: every contender in a fresh subprocess (this
-file run as a script), the peak resident set above the resident set just before one
-steady-state call (after a warm-up call, so compilation is not counted), sampled every 0.5 ms,
-with glibc's mmap threshold pinned so freed tensors leave the resident set. Agreement: loss and
-both gradients of every contender against ``eager``.
+Time: pytest-benchmark, in this process (``liger_compiled`` gets one warm-up round, in which it
+compiles; the others none). Memory: every contender in a fresh subprocess (this file run as a
+script): the peak resident set above the resident set just before one call (for
+``liger_compiled`` the call after the compiling one), sampled every 0.5 ms by a thread, with
+glibc's mmap threshold pinned so freed tensors leave the resident set; plus the worker's whole
+peak (VmHWM). Agreement: loss and both gradients of every contender against ``eager``.
 
     flock /tmp/fastpref-bench.lock pytest bench/bench_dpo_loss.py
     FASTPREF_BENCH_QUICK=1 pytest bench/bench_dpo_loss.py     # tiny shapes, smoke test
@@ -25,13 +26,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _common import MALLOC_ENV, QUICK, RssPeak, hardware, python_worker, run_child
+from _common import (
+    MALLOC_ENV,
+    QUICK,
+    RssPeak,
+    hardware,
+    loadavg,
+    peak_rss_mb,
+    python_worker,
+    run_child,
+)
 
 BETA = 0.1
 if QUICK:
@@ -40,7 +49,10 @@ else:
     PAIRS, T, D, VOCABS = 4, 512, 512, (32000, 128256)
 PROMPT = T // 2
 CONTENDERS = ("eager", "liger", "liger_compiled", "fastpref")
-ROUNDS = 2 if QUICK else 3
+# Timed rounds per vocabulary (a 128k round of the slow contenders takes a minute on 2 busy
+# cores). Only the compiled contender gets a warm-up round: its first call compiles.
+ROUNDS = dict(zip(VOCABS, (3, 2), strict=False)) if not QUICK else {v: 2 for v in VOCABS}
+WARMUP = {"eager": 0, "liger": 0, "liger_compiled": 1, "fastpref": 0}
 
 # Tolerances against eager float32: the contenders sum the same float32 terms in another order
 # (chunks, tiles), so the loss agrees to float32 rounding of a sum over ~2k tokens, and every
@@ -190,15 +202,13 @@ def check_agreement(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor])
 
 
 def measure_memory(name: str, vocab: int) -> dict[str, float]:
-    """Peak RSS above the pre-call baseline of one steady-state call, in a fresh process."""
+    """Peak RSS above the pre-call baseline of one call, in a fresh process."""
     run = run_child(
         python_worker("bench_dpo_loss.py", "--memory", name, "--vocab", str(vocab)),
         env={**MALLOC_ENV, **({"FASTPREF_BENCH_QUICK": "1"} if QUICK else {})},
-        timeout=1200,
+        timeout=3600,
     ).check()
-    out = json.loads(run.stdout.strip().splitlines()[-1])
-    out["process_peak_rss_mb"] = run.peak_rss_mb
-    return out
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("name", CONTENDERS)
@@ -209,7 +219,6 @@ def test_dpo_loss(benchmark, name: str, vocab: int) -> None:
     if name.startswith("liger"):
         pytest.importorskip("liger_kernel", reason="pip install -e '.[bench]'")
     x = _inputs(vocab)
-    want = _eager_result(vocab)
     fn = contender(name)
 
     def setup():
@@ -217,12 +226,19 @@ def test_dpo_loss(benchmark, name: str, vocab: int) -> None:
         return (x,), {}
 
     benchmark.group = f"dpo_loss V={vocab}"
-    loss = benchmark.pedantic(fn, setup=setup, rounds=ROUNDS, warmup_rounds=1, iterations=1)
-    errs = check_agreement(_result(x, loss), want)
+    load_before = loadavg()
+    loss = benchmark.pedantic(
+        fn, setup=setup, rounds=ROUNDS[vocab], warmup_rounds=WARMUP[name], iterations=1
+    )
+    load_after = loadavg()
+    got = _result(x, loss)
+    if name == "eager":
+        _EAGER[vocab] = got
+    errs = check_agreement(got, _eager_result(vocab))
+    del got
     _zero_grads(x)
 
     mem = measure_memory(name, vocab)
-    logits_mb = 2 * PAIRS * T * vocab * 4 / 2**20
     benchmark.extra_info.update(
         contender=name,
         pairs=PAIRS,
@@ -234,8 +250,10 @@ def test_dpo_loss(benchmark, name: str, vocab: int) -> None:
         loss=loss.item(),
         **errs,
         peak_rss_above_baseline_mb=mem["peak_above_mb"],
-        process_peak_rss_mb=mem["process_peak_rss_mb"],
-        full_logits_mb=logits_mb,
+        worker_vmhwm_mb=mem["vmhwm_mb"],
+        full_logits_mb=2 * PAIRS * T * vocab * 4 / 2**20,
+        loadavg_before=load_before,
+        loadavg_after=load_after,
         hardware=hardware(),
     )
 
@@ -246,8 +264,9 @@ def test_dpo_loss(benchmark, name: str, vocab: int) -> None:
 def _memory_worker(name: str, vocab: int) -> None:
     x = make_inputs(vocab)
     fn = contender(name)
-    fn(x)  # warm-up: compilation, oneDNN primitives, allocator pools
-    _zero_grads(x)
+    if WARMUP[name]:
+        fn(x)  # compile first: the compiler's own memory is not the loss's
+        _zero_grads(x)
     with RssPeak() as peak:
         loss = fn(x)
     print(
@@ -258,7 +277,7 @@ def _memory_worker(name: str, vocab: int) -> None:
                 "loss": loss.item(),
                 "peak_above_mb": peak.peak_above_start / 2**20,
                 "baseline_mb": peak.start / 2**20,
-                "ln2": math.log(2),
+                "vmhwm_mb": peak_rss_mb(),
             }
         )
     )

@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastpref.ops.infonce import infonce, infonce_reference
 
@@ -244,3 +246,36 @@ def test_bad_dtype_and_device():
         infonce(q, torch.randn(8, 8, device="meta"))
     with pytest.raises(ValueError, match="positive_index is on meta"):
         infonce(q, torch.randn(8, 8), torch.zeros(4, dtype=torch.long, device="meta"))
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op returns (a custom op counts as one op)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_never_materialises_similarities(symmetric):
+    """Forward and backward around the kernel stay O((B+M)·D): nothing near B×M is built.
+
+    B = 16, M = 1000, D = 3: B×M = 16000 while the inputs and their gradients are ≤ 3000.
+    """
+    B, M, D = 16, 1000, 3
+    q = torch.randn(B, D, requires_grad=True)
+    p = torch.randn(M, D, requires_grad=True)
+    positives = torch.randint(0, M, (B,))
+    with _LargestTensor() as mode:
+        infonce(q, p, positives, symmetric=symmetric, backend="cpu").sum().backward()
+    assert mode.numel <= M * D < B * M // 4
+    with _LargestTensor() as mode:
+        infonce_reference(q, p, positives, symmetric=symmetric).sum().backward()
+    assert mode.numel >= B * M  # the probe does see a materialised similarity matrix

@@ -26,11 +26,56 @@ namespace {
 
 using namespace fastpref::listwise;
 
-// Pairwise kinds on one list, each unordered pair evaluated once. The real items are first
-// compacted so the O(n^2) loop touches no padding.
+// The O(n^2) pair loop of one list over its compacted real items, each unordered pair once.
+// Branch-free in j (d = +1 / -1 / 0 when i is more / less / equally relevant; a tie adds 0),
+// with the kind and weighting fixed at compile time, so `omp simd` vectorises it.
+template <typename T, int KIND, int WEIGHTING>
+T pair_loop(int n, const T* cs, const T* cr, const T* gain, const T* disc, const T* gold,
+            T inv_idcg, T sigma, T* cg) {
+  T loss = T(0);
+  for (int i = 0; i < n; ++i) {
+    const T si = cs[i], ri = cr[i], gain_i = gain[i], disc_i = disc[i], gold_i = gold[i];
+    T li = T(0), gi = T(0);
+#pragma omp simd reduction(+ : li, gi)
+    for (int j = i + 1; j < n; ++j) {
+      const T d = T(ri > cr[j]) - T(ri < cr[j]);
+      const T w = pair_weight_raw<T>(KIND, WEIGHTING, gain_i, gain[j], disc_i, disc[j], gold_i,
+                                     gold[j], inv_idcg);
+      T sp, sg;
+      logistic_pair(sigma * d * (si - cs[j]), &sp, &sg);  // the winner's margin
+      li += d * d * w * sp;
+      const T c = d * sigma * w * sg;
+      gi -= c;
+      cg[j] += c;
+    }
+    cg[i] += gi;
+    loss += li;
+  }
+  return loss;
+}
+
+template <typename T, int KIND>
+T pair_loop_w(int weighting, int n, const T* cs, const T* cr, const T* gain, const T* disc,
+              const T* gold, T inv_idcg, T sigma, T* cg) {
+  return weighting == WEIGHT_FIRST
+             ? pair_loop<T, KIND, WEIGHT_FIRST>(n, cs, cr, gain, disc, gold, inv_idcg, sigma, cg)
+             : pair_loop<T, KIND, WEIGHT_NONE>(n, cs, cr, gain, disc, gold, inv_idcg, sigma, cg);
+}
+
+// order[0..n) = indices sorted by v descending, index order among equal values.
+template <typename T>
+void sort_desc(int n, const T* v, int* order) {
+  for (int i = 0; i < n; ++i) order[i] = i;
+  std::stable_sort(order, order + n, [v](int a, int b) {
+    return v[a] > v[b] || (v[a] == v[a] && v[b] != v[b]);  // NaN last, a strict weak order
+  });
+}
+
+// Pairwise kinds on one list: compact the real items, prepare per-item weights, pair loop.
 template <typename T>
 T pairwise_list(int K, const T* s, const T* r, const bool* m, int kind, int weighting, T sigma,
-                T* cs, T* cr, int* idx, ItemPrep<T>* prep, T* cg, T* grad) {
+                T* cs, T* cr, int* idx, int* order, T* gain, T* disc, T* gold, T* cg,
+                T* grad) {
   int n = 0;
   for (int j = 0; j < K; ++j) {
     grad[j] = T(0);
@@ -41,27 +86,37 @@ T pairwise_list(int K, const T* s, const T* r, const bool* m, int kind, int weig
     ++n;
   }
   if (n < 2) return T(0);
+  // Per-item weights. The ranks come from sorting (O(n log n)) instead of listwise_math.h's
+  // O(n) counting per item; a stable sort gives the same integers (index order among equals).
   T idcg = T(0);
   for (int i = 0; i < n; ++i) {
-    prep[i] = prep_item<T>(i, n, cs, cr, nullptr, kind, weighting);
-    idcg += prep[i].ideal_term;
+    gain[i] = T(0);
+    disc[i] = T(0);
+    gold[i] = T(1);
     cg[i] = T(0);
   }
-  const T inv_idcg = inv_ideal_dcg(idcg);
-  T loss = T(0);
-  for (int i = 0; i < n; ++i) {
-    for (int j = i + 1; j < n; ++j) {
-      if (cr[i] == cr[j]) continue;  // ties form no pair
-      const int hi = cr[i] > cr[j] ? i : j;
-      const int lo = hi == i ? j : i;
-      const T w = pair_weight(kind, weighting, prep[hi], prep[lo], inv_idcg);
-      T sp, sg;
-      logistic_pair(sigma * (cs[hi] - cs[lo]), &sp, &sg);
-      loss += w * sp;
-      const T d = sigma * w * sg;
-      cg[hi] -= d;
-      cg[lo] += d;
+  if (kind == LAMBDA || kind == LIPO) {
+    sort_desc(n, cs, order);
+    for (int k = 0; k < n; ++k) disc[order[k]] = inv_discount<T>(k + 1);
+    for (int i = 0; i < n; ++i) gain[i] = fastpref::listwise::gain(cr[i]);
+  }
+  if (kind == LAMBDA || weighting == WEIGHT_FIRST) {
+    sort_desc(n, cr, order);
+    for (int k = 0; k < n; ++k) {
+      const int i = order[k];
+      if (kind == LAMBDA) idcg += gain[i] * inv_discount<T>(k + 1);
+      // competition rank: tied items share the rank of the first of their group
+      gold[i] = (k > 0 && cr[i] == cr[order[k - 1]]) ? gold[order[k - 1]] : T(k + 1);
     }
+  }
+  const T inv_idcg = inv_ideal_dcg(idcg);
+  T loss;
+  if (kind == LAMBDA) {
+    loss = pair_loop_w<T, LAMBDA>(weighting, n, cs, cr, gain, disc, gold, inv_idcg, sigma, cg);
+  } else if (kind == LIPO) {
+    loss = pair_loop_w<T, LIPO>(weighting, n, cs, cr, gain, disc, gold, inv_idcg, sigma, cg);
+  } else {
+    loss = pair_loop_w<T, RANKNET>(weighting, n, cs, cr, gain, disc, gold, inv_idcg, sigma, cg);
   }
   for (int i = 0; i < n; ++i) grad[idx[i]] = cg[i];
   return loss;
@@ -70,10 +125,11 @@ T pairwise_list(int K, const T* s, const T* r, const bool* m, int kind, int weig
 // Thread-local O(K) scratch, allocated once per parallel_for chunk.
 template <typename T>
 struct Scratch {
-  std::vector<T> cs, cr, cg, cum;
+  std::vector<T> cs, cr, cg, cum, gain, disc, gold;
   std::vector<int> idx, perm;
   std::vector<ItemPrep<T>> prep;
-  explicit Scratch(int K) : cs(K), cr(K), cg(K), cum(K), idx(K), perm(K), prep(K) {}
+  explicit Scratch(int K)
+      : cs(K), cr(K), cg(K), cum(K), gain(K), disc(K), gold(K), idx(K), perm(K), prep(K) {}
 };
 
 template <typename T>
@@ -84,10 +140,25 @@ T one_list(int K, const T* s, const T* r, const bool* m, int kind, int weighting
     return T(0);
   }
   if (kind == LISTNET) return listnet_list(K, s, r, m, sigma, grad);
-  if (kind == LISTMLE) return listmle_list(K, s, r, m, sigma, w.perm.data(), w.cum.data(), grad);
+  if (kind == LISTMLE && itemwise) {
+    return listmle_list(K, s, r, m, sigma, w.perm.data(), w.cum.data(), grad);
+  }
+  if (kind == LISTMLE) {  // the order by a stable sort instead of the header's O(K^2) counting
+    int n = 0;
+    for (int j = 0; j < K; ++j) {
+      grad[j] = T(0);
+      if (!real_item(m, j)) continue;
+      w.cr[n] = r[j];
+      w.idx[n++] = j;
+    }
+    sort_desc(n, w.cr.data(), w.perm.data());
+    for (int k = 0; k < n; ++k) w.perm[k] = w.idx[w.perm[k]];
+    return listmle_scan(n, s, w.perm.data(), sigma, w.cum.data(), grad);
+  }
   if (!itemwise) {
     return pairwise_list(K, s, r, m, kind, weighting, sigma, w.cs.data(), w.cr.data(),
-                         w.idx.data(), w.prep.data(), w.cg.data(), grad);
+                         w.idx.data(), w.perm.data(), w.gain.data(), w.disc.data(), w.gold.data(),
+                         w.cg.data(), grad);
   }
   // The CUDA kernel's schedule: prep per item, a reduction for the IDCG, then each item alone.
   T idcg = T(0);
@@ -157,8 +228,9 @@ std::tuple<at::Tensor, at::Tensor> listwise_cpu(const at::Tensor& scores_in,
     T* out = loss.mutable_data_ptr<T>();
     T* g = grad.mutable_data_ptr<T>();
     const T sig = static_cast<T>(sigma);
-    // Enough lists per task that a task does ~16k pair evaluations.
-    const int64_t grain = std::max<int64_t>(1, 16384 / (static_cast<int64_t>(K) * K));
+    // ~64k pair evaluations (tens of microseconds) per task: smaller batches run inline, as
+    // waking the thread pool costs more than it saves.
+    const int64_t grain = std::max<int64_t>(1, 65536 / (static_cast<int64_t>(K) * K));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       Scratch<T> w(K);
       for (int64_t b = begin; b < end; ++b) {

@@ -11,6 +11,8 @@
 // -sigma * w_ij * sigmoid(-x) (and the opposite in s_j). Both come from one exp(-|x|), so
 // neither overflows for |x| up to the float range:
 //   softplus(-x) = max(-x, 0) + log1p(exp(-|x|)),  sigmoid(-x) = (x < 0 ? 1 : e) / (1 + e).
+// In float, that exp and log1p are branch-free polynomials (exp_nonpos, log1p_unit; < 2 ulp) so
+// the CPU pair loop vectorises; the device runs the very same operations.
 // Pair weights w_ij (detached, never differentiated):
 //   ranknet  1
 //   lambda   |G_i - G_j| * |1/D(tau_i) - 1/D(tau_j)| / IDCG      (|delta NDCG| of swapping i, j)
@@ -26,6 +28,7 @@
 #pragma once
 
 #include <math.h>
+#include <string.h>
 
 #if defined(__CUDACC__)
 #define FP_HD __host__ __device__ __forceinline__
@@ -72,12 +75,68 @@ FP_HD T log_add_exp(T a, T b) {
   return hi + fp_log1p(fp_exp(lo - hi));
 }
 
-// softplus(-x) and sigmoid(-x) from one exp(-|x|).
-template <typename T>
-FP_HD void logistic_pair(T x, T* softplus_neg_x, T* sigmoid_neg_x) {
-  T e = fp_exp(-fp_abs(x));
-  *softplus_neg_x = (x < T(0) ? -x : T(0)) + fp_log1p(e);
-  *sigmoid_neg_x = (x < T(0) ? T(1) : e) / (T(1) + e);
+// exp(x) for x <= 0 in float, branch-free so the CPU loops vectorise (no libm call) and the
+// device runs the same operations: Cephes expf (range reduction by ln 2 in two parts, degree-6
+// polynomial, |relative error| < 2 ulp), 2^n applied through the exponent bits. Below -87 the
+// result is under FLT_MIN and is flushed to 0.
+FP_HD float bits_to_float(int i) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(i);
+#else
+  float f;
+  memcpy(&f, &i, sizeof(f));
+  return f;
+#endif
+}
+
+FP_HD float exp_nonpos(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  // round(x / ln 2) by the 1.5 * 2^23 trick: exact for |x| < 2^22, no rint call
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = (p * (r * r) + r) + 1.0f;
+  const float scaled = y * bits_to_float((static_cast<int>(n) + 127) << 23);
+  return x < -87.0f ? 0.0f : scaled;
+}
+
+// log1p(e) for e in [0, 1] in float: 2 atanh(t), t = e / (2 + e) in [0, 1/3], as the odd series
+// to t^15 (truncation < 1e-8 relative, below float rounding). No cancellation for tiny e (the
+// result is 2t(1 + ...) ~ e), no libm call.
+FP_HD float log1p_unit(float e) {
+  const float t = e / (2.0f + e);
+  const float t2 = t * t;
+  float p = 1.0f / 15.0f;
+  p = p * t2 + 1.0f / 13.0f;
+  p = p * t2 + 1.0f / 11.0f;
+  p = p * t2 + 1.0f / 9.0f;
+  p = p * t2 + 1.0f / 7.0f;
+  p = p * t2 + 1.0f / 5.0f;
+  p = p * t2 + 1.0f / 3.0f;
+  p = p * t2 + 1.0f;
+  return 2.0f * t * p;
+}
+
+// softplus(-x) and sigmoid(-x) from one exp(-|x|) = e in (0, 1]:
+//   softplus(-x) = max(-x, 0) + log1p(e),  sigmoid(-x) = (x < 0 ? 1 : e) / (1 + e).
+// float: the branch-free exp/log1p above (the CPU pair loop is vectorised over j); double
+// (the gradcheck path): libm.
+FP_HD void logistic_pair(float x, float* softplus_neg_x, float* sigmoid_neg_x) {
+  const float e = exp_nonpos(-fabsf(x));
+  *softplus_neg_x = (x < 0.0f ? -x : 0.0f) + log1p_unit(e);
+  *sigmoid_neg_x = (x < 0.0f ? 1.0f : e) / (1.0f + e);
+}
+
+FP_HD void logistic_pair(double x, double* softplus_neg_x, double* sigmoid_neg_x) {
+  const double e = exp(-fabs(x));
+  *softplus_neg_x = (x < 0.0 ? -x : 0.0) + log1p(e);
+  *sigmoid_neg_x = (x < 0.0 ? 1.0 : e) / (1.0 + e);
 }
 
 template <typename T>
@@ -150,17 +209,24 @@ FP_HD T inv_ideal_dcg(T idcg) {
   return idcg > T(0) ? T(1) / idcg : T(0);
 }
 
-// w_ij of the more relevant item i over j (symmetric in i, j).
+// w_ij of the more relevant item i over j (symmetric in i, j), from the items' prepared values.
+template <typename T>
+FP_HD T pair_weight_raw(int kind, int weighting, T gain_i, T gain_j, T disc_i, T disc_j,
+                        T gold_i, T gold_j, T inv_idcg) {
+  T w = T(1);
+  if (kind == LAMBDA || kind == LIPO) {
+    w = fp_abs(gain_i - gain_j) * fp_abs(disc_i - disc_j);
+    if (kind == LAMBDA) w *= inv_idcg;
+  }
+  if (weighting == WEIGHT_FIRST) w /= (gold_i + gold_j);
+  return w;
+}
+
 template <typename T>
 FP_HD T pair_weight(int kind, int weighting, const ItemPrep<T>& a, const ItemPrep<T>& b,
                     T inv_idcg) {
-  T w = T(1);
-  if (kind == LAMBDA || kind == LIPO) {
-    w = fp_abs(a.gain - b.gain) * fp_abs(a.inv_disc - b.inv_disc);
-    if (kind == LAMBDA) w *= inv_idcg;
-  }
-  if (weighting == WEIGHT_FIRST) w /= (a.gold + b.gold);
-  return w;
+  return pair_weight_raw(kind, weighting, a.gain, b.gain, a.inv_disc, b.inv_disc, a.gold, b.gold,
+                         inv_idcg);
 }
 
 // What one item contributes when each item is its own thread (the CUDA pairwise kernel):
@@ -220,20 +286,12 @@ FP_HD T listnet_list(int K, const T* s, const T* r, const bool* m, T sigma, T* g
   return loss;
 }
 
-// ListMLE for one list. perm[K] and cum[K] are caller-owned scratch (O(K) per list).
+// ListMLE's two scans over the real items in relevance order perm[0..n) (grad pre-zeroed).
 // cum[k] = logsumexp of sigma*s over positions k..n-1 (reverse logcumsumexp).
 // d loss / d s at position k = sigma * (sum_{k' <= k} exp(sigma*s - cum[k']) - 1), accumulated
 // as a forward running log-add-exp of -cum so the sum stays in range.
 template <typename T>
-FP_HD T listmle_list(int K, const T* s, const T* r, const bool* m, T sigma, int* perm, T* cum,
-                     T* grad) {
-  int n = 0;
-  for (int j = 0; j < K; ++j) {
-    grad[j] = T(0);
-    if (!real_item(m, j)) continue;
-    perm[stable_rank_desc(j, K, r, m) - 1] = j;
-    ++n;
-  }
+FP_HD T listmle_scan(int n, const T* s, const int* perm, T sigma, T* cum, T* grad) {
   T run = neg_inf<T>(), loss = T(0);
   for (int k = n - 1; k >= 0; --k) {
     T z = sigma * s[perm[k]];
@@ -247,6 +305,21 @@ FP_HD T listmle_list(int K, const T* s, const T* r, const bool* m, T sigma, int*
     grad[perm[k]] = sigma * (fp_exp(sigma * s[perm[k]] + acc) - T(1));
   }
   return loss;
+}
+
+// ListMLE for one list. perm[K] and cum[K] are caller-owned scratch (O(K) per list); the order
+// by relevance (ties in index order) comes from counting, O(K^2), no sort needed on the device.
+template <typename T>
+FP_HD T listmle_list(int K, const T* s, const T* r, const bool* m, T sigma, int* perm, T* cum,
+                     T* grad) {
+  int n = 0;
+  for (int j = 0; j < K; ++j) {
+    grad[j] = T(0);
+    if (!real_item(m, j)) continue;
+    perm[stable_rank_desc(j, K, r, m) - 1] = j;
+    ++n;
+  }
+  return listmle_scan(n, s, perm, sigma, cum, grad);
 }
 
 }  // namespace listwise

@@ -110,11 +110,12 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return factor
 
 
-def make_engine(model: nn.Module, cfg: TrainConfig, lr: float, total_steps: int, world_size: int):
+def make_engine(
+    model: nn.Module, ds: dict[str, Any], cfg: TrainConfig, lr: float, total_steps: int
+):
     """``deepspeed.initialize`` with AdamW and our schedule unless the JSON config names its own."""
     import deepspeed
 
-    ds = deepspeed_config(cfg, world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = scheduler = None
     if "optimizer" not in ds:

@@ -26,7 +26,7 @@ from fastpref.models import (
 )
 from fastpref.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastpref.train.config import LOSS_HPARAMS, ConfigError, TrainConfig
-from fastpref.train.engine import init_distributed, make_engine
+from fastpref.train.engine import deepspeed_config, init_distributed, make_engine
 from fastpref.train.evaluate import evaluate, mismatched_completions
 from fastpref.train.reference import (
     cache_key,
@@ -173,7 +173,18 @@ def train(cfg: TrainConfig) -> dict:
 
     rank, world_size = init_distributed()
     is_main = rank == 0
-    out_dir = Path(cfg.output_dir or f"runs/{cfg.loss}-{datetime.now():%Y%m%d-%H%M%S}")
+    ds_config = deepspeed_config(cfg, world_size)  # a --deepspeed file's own values win
+    cfg = dataclasses.replace(
+        cfg,
+        micro_batch=int(ds_config["train_micro_batch_size_per_gpu"]),
+        grad_accum=int(ds_config["gradient_accumulation_steps"]),
+        zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
+        bf16=bool(ds_config.get("bf16", {}).get("enabled", False)),
+    )
+    out_dir = [cfg.output_dir or f"runs/{cfg.loss}-{datetime.now():%Y%m%d-%H%M%S}"]
+    if world_size > 1:  # one directory for all ranks, whatever each clock says
+        torch.distributed.broadcast_object_list(out_dir, src=0)
+    out_dir = Path(out_dir[0])
     ckpt_dir = out_dir / "checkpoints"
     resume_tag = latest_checkpoint(ckpt_dir) if cfg.resume else None
     if not cfg.resume and latest_checkpoint(ckpt_dir) is not None:
@@ -264,7 +275,7 @@ def train(cfg: TrainConfig) -> dict:
     total_steps = _total_steps(cfg, len(train_ex), global_batch)
     eval_every = cfg.eval_every or max(1, total_steps // 5)
     lr = default_lr(cfg, spec)
-    engine, scheduler = make_engine(scorer, cfg, lr, total_steps, world_size)
+    engine, scheduler = make_engine(scorer, ds_config, cfg, lr, total_steps)
     start_step = 0
     if resume_tag is not None:
         client = load_checkpoint(engine, ckpt_dir, resume_tag, rank)

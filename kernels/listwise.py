@@ -75,25 +75,25 @@ def _listwise_pairwise_kernel(
     for i0 in range(0, K, BLOCK):
         oi = i0 + ar
         si, ri, real_i = _load_list(s_row, r_row, m_row, oi, K, HAS_MASK)
-        tau = tl.zeros([BLOCK], dtype=tl.float32) + 1.0   # rank by score
-        pos = tl.zeros([BLOCK], dtype=tl.float32) + 1.0   # rank by relevance (ideal position)
-        gold = tl.zeros([BLOCK], dtype=tl.float32) + 1.0  # competition rank by relevance
-        for j0 in range(0, K, BLOCK):
-            oj = j0 + ar
-            sj, rj, real_j = _load_list(s_row, r_row, m_row, oj, K, HAS_MASK)
-            other = real_j[None, :] & (oj[None, :] != oi[:, None])  # [BLOCK, BLOCK]
-            before = oj[None, :] < oi[:, None]
-            s_ahead = (sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & before)
-            r_ahead = (rj[None, :] > ri[:, None]) | ((rj[None, :] == ri[:, None]) & before)
-            tau += tl.sum(tl.where(other & s_ahead, 1.0, 0.0), 1)
-            pos += tl.sum(tl.where(other & r_ahead, 1.0, 0.0), 1)
-            gold += tl.sum(tl.where(other & (rj[None, :] > ri[:, None]), 1.0, 0.0), 1)
-        disc = 1.0 / tl.log2(1.0 + tau)
-        gain = tl.exp2(ri) - 1.0
-        idcg += tl.sum(tl.where(real_i, gain / tl.log2(1.0 + pos), 0.0), 0)
         n_real += tl.sum(tl.where(real_i, 1.0, 0.0), 0)
-        tl.store(disc_ptr + b * K + oi, disc, mask=oi < K)
-        tl.store(gold_ptr + b * K + oi, gold, mask=oi < K)
+        if KIND == LAMBDA or KIND == LIPO or WEIGHTING == WEIGHT_FIRST:  # ranknet needs none
+            tau = tl.zeros([BLOCK], dtype=tl.float32) + 1.0  # rank by score
+            pos = tl.zeros([BLOCK], dtype=tl.float32) + 1.0  # rank by relevance (ideal position)
+            gold = tl.zeros([BLOCK], dtype=tl.float32) + 1.0  # competition rank by relevance
+            for j0 in range(0, K, BLOCK):
+                oj = j0 + ar
+                sj, rj, real_j = _load_list(s_row, r_row, m_row, oj, K, HAS_MASK)
+                other = real_j[None, :] & (oj[None, :] != oi[:, None])  # [BLOCK, BLOCK]
+                before = oj[None, :] < oi[:, None]
+                s_ahead = (sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & before)
+                r_ahead = (rj[None, :] > ri[:, None]) | ((rj[None, :] == ri[:, None]) & before)
+                tau += tl.sum(tl.where(other & s_ahead, 1.0, 0.0), 1)
+                pos += tl.sum(tl.where(other & r_ahead, 1.0, 0.0), 1)
+                gold += tl.sum(tl.where(other & (rj[None, :] > ri[:, None]), 1.0, 0.0), 1)
+            gain = tl.exp2(ri) - 1.0
+            idcg += tl.sum(tl.where(real_i, gain / tl.log2(1.0 + pos), 0.0), 0)
+            tl.store(disc_ptr + b * K + oi, 1.0 / tl.log2(1.0 + tau), mask=oi < K)
+            tl.store(gold_ptr + b * K + oi, gold, mask=oi < K)
     tl.debug_barrier()  # pass 2 reads items other threads stored
     inv_idcg = tl.where(idcg > 0.0, 1.0 / idcg, 0.0)
     keep = n_real >= 2.0
@@ -102,15 +102,21 @@ def _listwise_pairwise_kernel(
     for i0 in range(0, K, BLOCK):
         oi = i0 + ar
         si, ri, real_i = _load_list(s_row, r_row, m_row, oi, K, HAS_MASK)
-        di = tl.load(disc_ptr + b * K + oi, mask=oi < K, other=0.0)
-        gi = tl.load(gold_ptr + b * K + oi, mask=oi < K, other=1.0)
+        di = tl.zeros([BLOCK], dtype=tl.float32)
+        gi = tl.zeros([BLOCK], dtype=tl.float32) + 1.0
+        if KIND == LAMBDA or KIND == LIPO or WEIGHTING == WEIGHT_FIRST:
+            di = tl.load(disc_ptr + b * K + oi, mask=oi < K, other=0.0)
+            gi = tl.load(gold_ptr + b * K + oi, mask=oi < K, other=1.0)
         loss_i = tl.zeros([BLOCK], dtype=tl.float32)
         grad_i = tl.zeros([BLOCK], dtype=tl.float32)
         for j0 in range(0, K, BLOCK):
             oj = j0 + ar
             sj, rj, real_j = _load_list(s_row, r_row, m_row, oj, K, HAS_MASK)
-            dj = tl.load(disc_ptr + b * K + oj, mask=oj < K, other=0.0)
-            gj = tl.load(gold_ptr + b * K + oj, mask=oj < K, other=1.0)
+            dj = tl.zeros([BLOCK], dtype=tl.float32)
+            gj = tl.zeros([BLOCK], dtype=tl.float32) + 1.0
+            if KIND == LAMBDA or KIND == LIPO or WEIGHTING == WEIGHT_FIRST:
+                dj = tl.load(disc_ptr + b * K + oj, mask=oj < K, other=0.0)
+                gj = tl.load(gold_ptr + b * K + oj, mask=oj < K, other=1.0)
             both = real_i[:, None] & real_j[None, :]
             win = both & (ri[:, None] > rj[None, :])   # [BLOCK, BLOCK]
             lose = both & (rj[None, :] > ri[:, None])

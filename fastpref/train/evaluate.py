@@ -7,8 +7,9 @@ first (ties count ½, so a policy equal to its reference scores 0.5):
 - rm: head(prompt + chosen) > head(prompt + rejected);
 - lipo: over every pair of responses of a list with different scores;
 - kto (unpaired): AUC — over all (desirable, undesirable) pairs of the eval set;
-- sft (no rejected response): the token-mean log π of the example's own completion above that
-  of the next eval example's completion under the same prompt.
+- sft (no rejected response): log π(completion_i | prompt_i) above log π(completion_i | prompt_j),
+  the same completion after the next eval example's prompt — did the model learn to condition
+  on the prompt? (Same tokens scored twice, so the completion's own likelihood cancels.)
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ def _prompt_completion(example: dict, fmt: str, pad_id: int) -> tuple[Tensor, Te
 
 
 def mismatched_completions(examples: list[dict], fmt: str, pad_id: int) -> list[tuple[Tensor, int]]:
-    """For sft: (prompt_i + completion_{i+1}, len(prompt_i)) for every eval example i."""
+    """For sft: (prompt_{i+1} + completion_i, len(prompt_{i+1})) for every eval example i."""
     parts = [_prompt_completion(e, fmt, pad_id) for e in examples]
     out = []
-    for i, (prompt, _) in enumerate(parts):
-        completion = parts[(i + 1) % len(parts)][1]
+    for i, (_, completion) in enumerate(parts):
+        prompt = parts[(i + 1) % len(parts)][0]
         out.append((torch.cat([prompt, completion]), len(prompt)))
     return out
 
@@ -94,14 +95,12 @@ def evaluate(
             if math.isfinite(v):
                 sums[key] = sums.get(key, 0.0) + v * n
                 counts[key] = counts.get(key, 0.0) + n
-        if mismatched is not None:  # sft: own completion vs another example's
+        if mismatched is not None:  # sft: own prompt vs another example's prompt
             other = batch_to_device(
                 _collate_sequences([mismatched[i] for i in idx], task.pad_id), device
             )
-            wrong, wrong_tokens = model(
-                other["input_ids"], other["attention_mask"], other["labels"]
-            )
-            margin = values[0] / tokens[0].clamp(min=1) - wrong / wrong_tokens.clamp(min=1)
+            wrong, _ = model(other["input_ids"], other["attention_mask"], other["labels"])
+            margin = values[0] - wrong  # the same completion tokens under two prompts
             c = (margin > 0).float() + 0.5 * (margin == 0).float()
             correct, pairs = correct + weight * float(c.sum()), pairs + weight * len(idx)
         elif weight:

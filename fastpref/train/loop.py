@@ -277,9 +277,15 @@ def train(cfg: TrainConfig) -> dict:
     lr = default_lr(cfg, spec)
     engine, scheduler = make_engine(scorer, ds_config, cfg, lr, total_steps)
     start_step = 0
+    data_order = [global_batch, cfg.seed, len(train_ex)]  # what fixes the batch of every step
     if resume_tag is not None:
         client = load_checkpoint(engine, ckpt_dir, resume_tag, rank)
         start_step = client["step"]
+        if client.get("data_order") != data_order:  # another batch or seed: not the same run
+            raise ConfigError(
+                f"--resume: {ckpt_dir / resume_tag} was written with (global batch, seed, train "
+                f"examples) = {client.get('data_order')}, this run has {data_order}"
+            )
         say(f"resumed from {ckpt_dir / resume_tag} at step {start_step}")
     elif cfg.resume:
         say(f"--resume: no complete checkpoint in {ckpt_dir}, starting from step 0")
@@ -376,7 +382,12 @@ def train(cfg: TrainConfig) -> dict:
                 )
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             save_checkpoint(
-                engine, ckpt_dir, step + 1, {"step": step + 1}, keep=cfg.save_total_limit, rank=rank
+                engine,
+                ckpt_dir,
+                step + 1,
+                {"step": step + 1, "data_order": data_order},
+                keep=cfg.save_total_limit,
+                rank=rank,
             )
     bar.close()
     if after is None:  # resumed at the very end

@@ -188,6 +188,37 @@ def test_reference_cache_is_hit_and_matches_in_pass_reference(assets, tmp_path):
     assert third["reference_cache_hit"] is False
 
 
+@pytest.mark.parametrize(
+    "options",
+    [["--bf16"], ["--zero-stage", "2", "--offload"], ["--deepspeed", "DS_JSON"]],
+    ids=["bf16", "zero2-offload", "ds-json"],
+)
+def test_deepspeed_options_and_eval_split(assets, tmp_path, options):
+    ds = tmp_path / "ds.json"
+    ds.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": 2,
+                "gradient_clipping": "auto",
+                "zero_optimization": {"stage": 1},
+            }
+        )
+    )
+    options = [str(ds) if o == "DS_JSON" else o for o in options]
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("\n".join((assets / "pair.jsonl").read_text().splitlines()[:8]) + "\n")
+    summary, steps, evals = _run(
+        _args(assets, tmp_path, "simpo", "--eval-split", str(held_out), *options, steps=2)
+    )
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    assert evals[-1]["eval/accuracy"] * 8 == pytest.approx(round(evals[-1]["eval/accuracy"] * 8))
+    config = json.loads((tmp_path / "simpo" / "config.json").read_text())
+    if "--deepspeed" in options:  # the file's values drive the loop and are what config.json shows
+        assert (config["grad_accum"], config["micro_batch"], config["zero_stage"]) == (2, 4, 1)
+    assert summary["steps"] == 2
+
+
 def test_reference_free_loss_loads_no_reference(assets, tmp_path, monkeypatch):
     import fastpref.train.loop as loop
 

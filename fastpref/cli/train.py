@@ -24,11 +24,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from fastpref.data import DataError
+    from fastpref.models import ModelError
     from fastpref.train import train
 
     try:
         train(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ModelError, FileNotFoundError) as e:
         print(f"fastpref-train: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -2,6 +2,7 @@
 
 from fastpref.models.causal_lm import (
     LMHead,
+    ModelError,
     PolicyLogps,
     attention_implementation,
     build_or_load_causal_lm,
@@ -14,6 +15,7 @@ from fastpref.models.reward import RewardScorer, build_or_load_reward_model
 
 __all__ = [
     "LMHead",
+    "ModelError",
     "PolicyLogps",
     "RewardScorer",
     "attention_implementation",

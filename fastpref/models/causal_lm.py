@@ -9,9 +9,11 @@ vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from fastpref.ops import sequence_logprobs
 
 __all__ = [
     "LMHead",
+    "ModelError",
     "PolicyLogps",
     "attention_implementation",
     "build_or_load_causal_lm",
@@ -33,6 +36,19 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+
+
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be loaded (message names the flag and the path)."""
+
+
+@contextlib.contextmanager
+def loading(flag: str, path: str) -> Iterator[None]:
+    """Turn transformers' load failures (missing files, unknown architecture) into ModelError."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"--{flag} {path!r}: cannot load it ({type(e).__name__}: {e})") from e
 
 
 @dataclass(frozen=True)
@@ -133,7 +149,8 @@ def load_tokenizer(path: str | None):
         from fastpref.data import bundled_tokenizer_path
 
         path = str(bundled_tokenizer_path())
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with loading("tokenizer", path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -169,12 +186,13 @@ def build_or_load_causal_lm(
     attn = attention_implementation(attn)
     if path is not None:
         check_model_path(path)
-        return AutoModelForCausalLM.from_pretrained(
-            path,
-            attn_implementation=attn,
-            trust_remote_code=trust_remote_code,
-            **_version_kwargs(dtype),
-        )
+        with loading("model", path):
+            return AutoModelForCausalLM.from_pretrained(
+                path,
+                attn_implementation=attn,
+                trust_remote_code=trust_remote_code,
+                **_version_kwargs(dtype),
+            )
     config = _bundled_config(vocab_size, attn_implementation=attn)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -17,6 +17,7 @@ from fastpref.models.causal_lm import (
     attention_implementation,
     backbone,
     check_model_path,
+    loading,
 )
 
 __all__ = ["RewardScorer", "build_or_load_reward_model"]
@@ -39,13 +40,14 @@ def build_or_load_reward_model(
     attn = attention_implementation(attn)
     if path is not None:
         check_model_path(path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path,
-            num_labels=1,
-            attn_implementation=attn,
-            trust_remote_code=trust_remote_code,
-            **_version_kwargs(dtype),
-        )
+        with loading("model", path):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path,
+                num_labels=1,
+                attn_implementation=attn,
+                trust_remote_code=trust_remote_code,
+                **_version_kwargs(dtype),
+            )
     else:
         config = _bundled_config(vocab_size, num_labels=1, attn_implementation=attn)
         with torch.random.fork_rng(devices=[]):

@@ -224,6 +224,12 @@ def train(cfg: TrainConfig) -> dict:
     else:
         model = build_or_load_causal_lm(cfg.model, **common)
         scorer = PolicyLogps(model, zero_stage=cfg.zero_stage)
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {vocab}: "
+            "pass the model's own --tokenizer"
+        )
     task = Task(spec=spec, hparams=hparams, fmt=fmt, pad_id=pad_id)
     from deepspeed.accelerator import get_accelerator
 

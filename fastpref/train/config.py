@@ -31,25 +31,27 @@ class TrainConfig:
     # objective and model
     loss: str = _opt("rorpo", "objective (see the list below)")
     model: str | None = _opt(
-        None, "HF causal LM path or hub name; none: build the bundled tiny Llama"
+        None, "HF causal LM path or hub name; unset: build the bundled tiny Llama"
     )
-    ref_model: str | None = _opt(None, "reference model; none: the initial policy (--model)")
-    tokenizer: str | None = _opt(None, "tokenizer path; none: --model's, else the bundled one")
+    ref_model: str | None = _opt(
+        None, "reference model; unset: the initial policy; 'none': no reference"
+    )
+    tokenizer: str | None = _opt(None, "tokenizer path; unset: --model's, else the bundled one")
     trust_remote_code: bool = _opt(False, "let transformers run code shipped with the model")
     attn_implementation: str = _opt("auto", "auto (sdpa; flash_attention_2 with flash-attn on GPU)")
     # data
     data: str | None = _opt(
-        None, "training data (.jsonl/.json/.csv/.parquet or hub name); none: bundled"
+        None, "training data (.jsonl/.json/.csv/.parquet or hub name); unset: bundled"
     )
     columns: dict[str, str] | None = _opt(
         None, "column remapping canonical=source,... e.g. prompt=question"
     )
-    eval_split: str | None = _opt(None, "held-out data file (default: --eval-fraction of --data)")
+    eval_split: str | None = _opt(None, "held-out data file; unset: --eval-fraction of --data")
     eval_fraction: float = _opt(0.1, "fraction of --data held out when no --eval-split is given")
     max_length: int = _opt(192, "max tokens of prompt+completion (the prompt's start is cut first)")
     # optimisation
     lr: float | None = _opt(
-        None, "peak learning rate; none: 2e-3 for the built tiny model, 5e-7 else"
+        None, "peak lr; unset: 2e-3 built tiny model, else 1e-5 sft/rm, 5e-7 others"
     )
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     scheduler: str = _opt(
@@ -57,7 +59,7 @@ class TrainConfig:
     )
     warmup_ratio: float = _opt(0.1, "fraction of the steps spent warming the lr up linearly from 0")
     epochs: float | None = _opt(
-        None, "passes over the data; none: 1, or 60 steps with bundled data"
+        None, "passes over the data; unset: 1, or 60 steps for the embedded default"
     )
     max_steps: int | None = _opt(None, "optimizer steps (overrides --epochs)")
     micro_batch: int = _opt(8, "examples per micro-batch per process")
@@ -73,9 +75,9 @@ class TrainConfig:
     )
     # reference log-probs
     ref_in_pass: bool = _opt(False, "compute reference log-probs in each step instead of once")
-    cache_dir: str | None = _opt(None, "reference log-prob cache (default ~/.cache/fastpref)")
+    cache_dir: str | None = _opt(None, "reference log-prob cache; unset: ~/.cache/fastpref")
     # evaluation, logging, checkpoints
-    output_dir: str | None = _opt(None, "run directory (default runs/<loss>-<time>)")
+    output_dir: str | None = _opt(None, "run directory; unset: runs/<loss>-<time>")
     eval_every: int = _opt(0, "evaluate every N steps (0: five times per run); also at start/end")
     log_every: int = _opt(1, "write a metrics record every N steps")
     tensorboard: bool = _opt(False, "also log to TensorBoard (output_dir/tb)")
@@ -88,7 +90,9 @@ class TrainConfig:
     label_smoothing: float | None = _opt(None, "ε: label noise of cdpo/robust")
     gamma: float | None = _opt(None, "γ: rationale weight (rdpo/rorpo) or SimPO's margin")
     alpha: float | None = _opt(None, "α: weight of the NLL term of cpo/simpo")
-    rationale_term: str | None = _opt(None, "rdpo: how the rationale enters the loss (see losses)")
+    rationale_term: str | None = _opt(
+        None, "rdpo: rationale term, nll (paper) or logsigmoid (authors' code)"
+    )
     center_rewards_coefficient: float | None = _opt(None, "rm: weight of the reward-centring term")
     desirable_weight: float | None = _opt(None, "kto: weight of desirable examples")
     undesirable_weight: float | None = _opt(None, "kto: weight of undesirable examples")

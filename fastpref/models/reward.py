@@ -62,7 +62,8 @@ class RewardScorer(nn.Module):
     """``forward(input_ids, attention_mask, labels=None) -> (reward [N], tokens [N])``.
 
     reward_n = head(h_n[last real token]); equals ``model(...).logits[:, 0]`` of a Hugging Face
-    sequence-classification model with right padding. ``tokens`` counts the attended tokens.
+    sequence-classification model with right padding. ``tokens`` counts the labelled
+    (completion) tokens, or the attended tokens when no labels are given.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -72,7 +73,8 @@ class RewardScorer(nn.Module):
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        tokens = attention_mask.sum(-1)
+        # completion tokens when labels mark them (as for the LM losses), else attended tokens
+        tokens = attention_mask.sum(-1) if labels is None else (labels != -100).sum(-1)
         head = getattr(self.model, "score", None)
         if head is None:  # encoders and models that pool for themselves
             out = self.model(input_ids=input_ids, attention_mask=attention_mask)

@@ -121,25 +121,24 @@ def _stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     return out
 
 
-def _reduce_mean(values: dict[str, list[float]], world_size: int) -> dict[str, float]:
-    """NaN-aware mean of each metric over micro-steps and ranks (one all-reduce)."""
+def _reduce_mean(
+    values: dict[str, list[torch.Tensor]], tokens: torch.Tensor, world_size: int
+) -> tuple[dict[str, float], float]:
+    """NaN-aware mean of each metric over micro-steps and ranks, and the total token count:
+    one all-reduce and one host sync per step (metrics stay on the device until here)."""
     keys = sorted(values)
-    sums = torch.tensor(
-        [
-            [
-                sum(v for v in values[k] if math.isfinite(v)),
-                sum(1 for v in values[k] if math.isfinite(v)),
-            ]
-            for k in keys
-        ],
-        dtype=torch.float64,
-    )
-    if world_size > 1 and len(keys):
-        torch.distributed.all_reduce(sums)
-    return {
-        k: (float(s / c) if c else float("nan"))
-        for k, (s, c) in zip(keys, sums.tolist(), strict=True)
+    stacked = torch.stack([torch.stack([v.float() for v in values[k]]) for k in keys])  # [K, M]
+    finite = torch.isfinite(stacked)
+    sums = torch.stack([torch.where(finite, stacked, 0.0).sum(1), finite.sum(1).float()], 1)
+    packed = torch.cat([sums.double().flatten(), tokens.double().view(1)])
+    if world_size > 1:
+        torch.distributed.all_reduce(packed)
+    *flat, total_tokens = packed.tolist()
+    means = {
+        k: flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else float("nan")
+        for i, k in enumerate(keys)
     }
+    return means, total_tokens
 
 
 def _grad_norm_now(engine) -> float | None:
@@ -338,8 +337,8 @@ def train(cfg: TrainConfig) -> dict:
     after = None
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
-        values: dict[str, list[float]] = {}
-        tokens = 0.0
+        values: dict[str, list[torch.Tensor]] = {}
+        tokens = torch.zeros((), device=engine.device)
         pre_norm = None
         step_lr = scheduler.get_last_lr()[0] if scheduler is not None else lr  # used by this step
         for micro in range(cfg.grad_accum):
@@ -348,18 +347,15 @@ def train(cfg: TrainConfig) -> dict:
             batch = batch_to_device(collate([train_ex[i] for i in idx], fmt, pad_id), engine.device)
             loss, metrics, _, tok, _ = micro_step(task, engine, batch, "train")
             engine.backward(loss)
-            if micro == cfg.grad_accum - 1:
+            if micro == cfg.grad_accum - 1 and cfg.zero_stage == 0:  # ZeRO reports its own
                 pre_norm = _grad_norm_now(engine)
             engine.step()
             for k, v in {"loss": loss.detach(), **metrics}.items():
-                values.setdefault(k, []).append(float(v))
-            tokens += float(tok.sum())
+                values.setdefault(k, []).append(v)
+            tokens = tokens + tok.sum()
         grad_norm = engine.get_global_grad_norm()
-        record = {"step": step + 1, **_reduce_mean(values, world_size)}
-        if world_size > 1:
-            t = torch.tensor([tokens], dtype=torch.float64)
-            torch.distributed.all_reduce(t)
-            tokens = float(t)
+        means, tokens = _reduce_mean(values, tokens, world_size)
+        record = {"step": step + 1, **means}
         elapsed = time.perf_counter() - t0
         record.update(
             {

@@ -301,3 +301,56 @@ def test_existing_checkpoints_are_never_overwritten(assets, tmp_path, capsys):
     assert (out / "checkpoints" / latest).is_dir()
     with pytest.raises(ConfigError, match="needs --output-dir"):
         train(TrainConfig(resume=True))
+
+
+def test_preference_accuracy_definitions_by_hand():
+    """Hand-worked accuracies: ties count ½; lipo counts ordered pairs; kto is an AUC."""
+    from fastpref.train.step import Task, accuracy_parts, kto_auc
+
+    dpo = Task(spec=LOSSES["dpo"], hparams={}, fmt="pair", pad_id=0)
+    values = torch.tensor([[-1.0, -2.0, -3.0], [-2.0, -2.0, -1.0]])  # [R=2 (chosen, rejected), B=3]
+    ref = torch.zeros(2, 3)
+    # rewards chosen − rejected = 1, 0, −2 -> 1 + ½ + 0 over 3 pairs
+    assert accuracy_parts(dpo, {}, values, torch.ones(2, 3), ref)[:2] == (1.5, 3.0)
+    simpo = Task(spec=LOSSES["simpo"], hparams={}, fmt="pair", pad_id=0)
+    tokens = torch.tensor([[1.0, 4.0, 1.0], [4.0, 1.0, 1.0]])
+    # token means: chosen −1, −0.5, −3 vs rejected −0.5, −2, −1 -> 0 + 1 + 0
+    assert accuracy_parts(simpo, {}, values, tokens, None)[:2] == (1.0, 3.0)
+    lipo = Task(spec=LOSSES["lipo"], hparams={}, fmt="list", pad_id=0)
+    batch = {"scores": torch.tensor([[2.0, 1.0, 0.0]]), "list_mask": torch.tensor([[True] * 3])}
+    # rewards 0, 1, −1 for scores 2, 1, 0: pairs (0,1) wrong, (0,2) right, (1,2) right
+    logps = torch.tensor([[0.0], [1.0], [-1.0]])
+    assert accuracy_parts(lipo, batch, logps, torch.ones(3, 1), torch.zeros(3, 1))[:2] == (2.0, 3.0)
+    batch["list_mask"] = torch.tensor([[True, True, False]])  # padding never counts
+    assert accuracy_parts(lipo, batch, logps, torch.ones(3, 1), torch.zeros(3, 1))[:2] == (0.0, 1.0)
+    # kto: desirable rewards {2, 0}, undesirable {1, 0}: pairs 2>1, 2>0, 0<1, 0=0 -> 2.5 / 4
+    assert kto_auc([(2.0, True), (0.0, True), (1.0, False), (0.0, False)]) == 0.625
+
+
+def test_sft_accuracy_scores_each_completion_after_another_prompt():
+    from fastpref.data import collate, load_rows, tokenize_rows
+    from fastpref.models import load_tokenizer
+    from fastpref.train.evaluate import _collate_sequences, mismatched_completions
+
+    tokenizer = load_tokenizer(None)
+    rows = load_rows(str(default_data("sft")), "sft")[:3]
+    examples = tokenize_rows(rows, "sft", tokenizer, max_length=64)
+    pad = tokenizer.pad_token_id
+    mixed = _collate_sequences(mismatched_completions(examples, "sft", pad), pad)
+    own = collate(examples, "sft", pad)
+
+    def completion(batch, b):  # the labelled tokens of row b
+        return batch["labels"][b][batch["labels"][b] != -100].tolist()
+
+    def prompt(batch, b):  # tokens before the first labelled position's target
+        first = int((batch["labels"][b] != -100).nonzero()[0])
+        return batch["input_ids"][b][: first + 1].tolist()
+
+    for i in range(3):
+        assert completion(mixed, i) == completion(own, i)  # the same completion...
+        assert prompt(mixed, i) == prompt(own, (i + 1) % 3)  # ...after the next prompt
+        n = int(mixed["attention_mask"][i].sum())
+        ids, labels = mixed["input_ids"][i], mixed["labels"][i]
+        assert torch.equal(
+            labels[: n - 1][labels[: n - 1] != -100], ids[1:n][labels[: n - 1] != -100]
+        )

@@ -8,8 +8,8 @@ first (ties count ½, so a policy equal to its reference scores 0.5):
 - lipo: over every pair of responses of a list with different scores;
 - kto (unpaired): AUC — over all (desirable, undesirable) pairs of the eval set;
 - sft (no rejected response): log π(completion_i | prompt_i) above log π(completion_i | prompt_j),
-  the same completion after the next eval example's prompt — did the model learn to condition
-  on the prompt? (Same tokens scored twice, so the completion's own likelihood cancels.)
+  the same completion after the next eval example's (different) prompt — did the model learn to
+  condition on the prompt? (Same tokens scored twice, so the completion's own likelihood cancels.)
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ def _prompt_completion(example: dict, fmt: str, pad_id: int) -> tuple[Tensor, Te
 
 
 def mismatched_completions(examples: list[dict], fmt: str, pad_id: int) -> list[tuple[Tensor, int]]:
-    """For sft: (prompt_{i+1} + completion_i, len(prompt_{i+1})) for every eval example i."""
+    """For sft: (prompt_j + completion_i, len(prompt_j)) for every eval example i, where j is the
+    next example (cyclically) whose prompt differs from prompt_i (i itself if none does)."""
     parts = [_prompt_completion(e, fmt, pad_id) for e in examples]
-    out = []
-    for i, (_, completion) in enumerate(parts):
-        prompt = parts[(i + 1) % len(parts)][0]
+    n, out = len(parts), []
+    for i, (own, completion) in enumerate(parts):
+        others = (parts[(i + k) % n][0] for k in range(1, n))
+        prompt = next((p for p in others if not torch.equal(p, own)), own)
         out.append((torch.cat([prompt, completion]), len(prompt)))
     return out
 

@@ -25,16 +25,19 @@
 //   The log-sum-exp is online per row: a running max m, the rescaled sum s = sum exp(f - m) and,
 //   for the entropy, a = sum exp(f - m) (f - m), so exp never sees a positive argument and the
 //   entropy log(s) - a/s never cancels two large numbers. Per-task states are merged in task
-//   order. Wide logits (std ~20) make most exp() results underflow: every worker thread runs with
-//   FTZ/DAZ set (restored on exit) so denormals never reach the exp, the sums or the GEMMs, whose
-//   x86 microcode assists would otherwise cost ~100 cycles each. A non-finite max (NaN or inf in
+//   order. Wide logits (std ~20) make most exp() results underflow, and a denormal float costs
+//   ~100 cycles of microcode assist per operation on x86: every worker thread runs with FTZ/DAZ
+//   set (restored on exit), and the backward zeroes probabilities below exp(-46), so the G tile
+//   that feeds the dH/dW GEMMs never holds values whose products could be denormal (the BLAS
+//   may run them on threads of its own, without FTZ). A non-finite max (NaN or inf in
 //   the row) gives lse = NaN for that row only. bf16 GEMMs accumulate in fp32 inside oneDNN; the
 //   epilogue is fp32, dH and dW are accumulated in fp32 and rounded to bf16 once at the end.
 //
 // Memory bound (beyond inputs and outputs)
-//   per task: one [NB, VT] fp32 logits tile (+ a bf16 copy for bf16), a [VT, D] fp32 dW
-//   accumulator (bf16 only), an [N, D] fp32 dH partial (all but the first task; all for bf16)
-//   and 3 x N fp32 of row state -- O(tile + N * D), never O(N * V).
+//   per task: one [NB, VT] fp32 logits tile (fp32: 512 x 256; bf16: 1024 x 512, plus bf16
+//   copies), for bf16 with more than NB rows a [VT, D] fp32 dW accumulator, an [N, D] fp32 dH
+//   partial (all but the first task for fp32; all for bf16) and 3 x N fp32 of row state:
+//   O(tile + N * D), never O(N * V).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -54,8 +57,23 @@
 namespace fastpref {
 namespace {
 
-constexpr int64_t kVocabTile = 256;  // VT: columns per tile
-constexpr int64_t kRowBlock = 512;   // NB: rows per GEMM
+// Tile sizes: NB rows x VT vocab columns per GEMM. fp32: a 512 KiB logits tile that stays in a
+// Zen 4 / Xeon L2 next to MKL's packed panels. bf16: the tile products come back from oneDNN in
+// bf16 and are added into fp32 accumulators, one extra pass per tile, so the tiles are larger
+// (fewer passes) and 1024 rows make dW a single GEMM for the usual <= 1024 kept rows.
+template <typename scalar_t>
+struct Tiles {
+  static constexpr int64_t NB = 512, VT = 256;
+};
+template <>
+struct Tiles<at::BFloat16> {
+  static constexpr int64_t NB = 1024, VT = 512;
+};
+// Probabilities below exp(-46) ~ 1e-20 enter the logit gradient as exact zeros: their share of
+// a row's gradient is < V * 1e-20, far below fp32 resolution, and it keeps the G tile free of
+// the tiny values whose products with W would be denormal inside the dH/dW GEMMs (which may
+// run on threads without FTZ).
+constexpr float kLogProbCutoff = -46.0f;
 
 // Flush-to-zero + denormals-are-zero for the current thread, restored on scope exit.
 struct DenormalsAreZero {
@@ -160,14 +178,14 @@ inline void lse_update(const acc_t* f, int64_t n, acc_t tile_max, bool entropy, 
 template <typename scalar_t, typename acc_t>
 inline void grad_row(const acc_t* z, const acc_t* b, int64_t n, const LogitMap<acc_t>& o,
                      int64_t tgt, acc_t g, acc_t ge, acc_t lse, acc_t ef, bool entropy,
-                     scalar_t* out, acc_t* db) {
+                     scalar_t* out, acc_t* db, acc_t* scratch) {
   using V = at::vec::Vectorized<acc_t>;
   if (!std::isfinite(lse)) {  // a NaN/inf row: its gradient is NaN, not garbage
     std::fill(out, out + n, scalar_t(std::numeric_limits<acc_t>::quiet_NaN()));
     return;
   }
   const V vit(o.inv_temp), vic(o.inv_cap), vcs(o.cap_scale), vlse(lse), vg(-g), vge(ge),
-      vef(ef), one(1), zero(0);
+      vef(ef), one(1), zero(0), vcut(kLogProbCutoff);
   // The +g onehot term at the target, taken before the loop: out may alias z (fp32 in place).
   acc_t onehot = 0;
   if (tgt >= 0) {
@@ -178,8 +196,9 @@ inline void grad_row(const acc_t* z, const acc_t* b, int64_t n, const LogitMap<a
     }
     onehot = g * dfdz;
   }
-  // one [V::size()] staging vector so bf16 output is converted from a full fp32 lane set
-  alignas(64) acc_t stage[V::size()];
+  // gz is computed in acc_t into `row` (the output itself when scalar_t == acc_t, else a
+  // per-thread scratch row) and converted to scalar_t once, vectorised, at the end
+  acc_t* row = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(out) : scratch;
   int64_t j = 0;
   auto lane = [&](V v) -> V {
     V f, dfdz;
@@ -191,7 +210,8 @@ inline void grad_row(const acc_t* z, const acc_t* b, int64_t n, const LogitMap<a
       f = v * vit;
       dfdz = vit;
     }
-    V p = fast_exp(f - vlse);
+    V d = f - vlse;
+    V p = V::blendv(fast_exp(d), zero, d < vcut);
     V gf = p * vg;
     if (entropy) gf = gf - V::blendv(zero, p * vge * (f - vef), p > zero);
     return gf * dfdz;
@@ -201,12 +221,7 @@ inline void grad_row(const acc_t* z, const acc_t* b, int64_t n, const LogitMap<a
     if (b) v = v + V::loadu(b + j);
     V gz = lane(v);
     if (db) (V::loadu(db + j) + gz).store(db + j);
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      gz.store(out + j);
-    } else {
-      gz.store(stage);
-      for (int64_t k = 0; k < V::size(); ++k) out[j + k] = static_cast<scalar_t>(stage[k]);
-    }
+    gz.store(row + j);
   }
   for (; j < n; ++j) {
     acc_t v = z[j] + (b ? b[j] : acc_t(0));
@@ -219,17 +234,18 @@ inline void grad_row(const acc_t* z, const acc_t* b, int64_t n, const LogitMap<a
       f = v * o.inv_temp;
       dfdz = o.inv_temp;
     }
-    acc_t p = std::exp(f - lse);
+    acc_t p = (f - lse < kLogProbCutoff) ? acc_t(0) : std::exp(f - lse);
     acc_t gf = -g * p;
     if (entropy && p > 0) gf -= ge * p * (f - ef);
     acc_t gz = gf * dfdz;
     if (db) db[j] += gz;
-    out[j] = static_cast<scalar_t>(gz);
+    row[j] = gz;
   }
   if (tgt >= 0) {
-    out[tgt] = static_cast<scalar_t>(static_cast<acc_t>(out[tgt]) + onehot);
+    row[tgt] += onehot;
     if (db) db[tgt] += onehot;
   }
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(row, out, n);
 }
 
 // Converts the GEMM output tile to acc_t (a no-op view when they match).
@@ -250,8 +266,8 @@ struct Plan {
   int64_t tile_begin(int64_t task) const { return task * ntiles / ntasks; }
 };
 
-Plan make_plan(int64_t N, int64_t D, int64_t V) {
-  Plan p{N, D, V, (V + kVocabTile - 1) / kVocabTile, 1};
+Plan make_plan(int64_t N, int64_t D, int64_t V, int64_t VT) {
+  Plan p{N, D, V, (V + VT - 1) / VT, 1};
   p.ntasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.ntiles));
   return p;
 }
@@ -304,7 +320,8 @@ template <typename scalar_t, typename acc_t>
 void forward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tgt,
                   const at::Tensor& bias, const LogitMap<acc_t>& o, bool entropy,
                   at::Tensor& logp, at::Tensor& lse, at::Tensor& ent) {
-  const Plan plan = make_plan(H.size(0), H.size(1), W.size(0));
+  constexpr int64_t kRowBlock = Tiles<scalar_t>::NB, kVocabTile = Tiles<scalar_t>::VT;
+  const Plan plan = make_plan(H.size(0), H.size(1), W.size(0), kVocabTile);
   const int64_t N = plan.N, V = plan.V, P = plan.ntasks;
   const auto acc_opts = H.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   // per task row state: m, s, a
@@ -316,10 +333,9 @@ void forward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tg
 
   at::parallel_for(0, P, 1, [&](int64_t task_begin, int64_t task_end) {
     DenormalsAreZero daz;
-    at::Tensor zt = at::empty({kRowBlock * kVocabTile}, H.options());
-    at::Tensor zacc = std::is_same_v<scalar_t, acc_t>
-                          ? zt
-                          : at::empty({kRowBlock * kVocabTile}, acc_opts);
+    const int64_t tile_elems = std::min(kRowBlock, N) * std::min(kVocabTile, V);
+    at::Tensor zt = at::empty({tile_elems}, H.options());
+    at::Tensor zacc = std::is_same_v<scalar_t, acc_t> ? zt : at::empty({tile_elems}, acc_opts);
     for (int64_t task = task_begin; task < task_end; ++task) {
       acc_t* st = state.data_ptr<acc_t>() + task * 3 * N;
       acc_t *m = st, *s = st + N, *a = st + 2 * N;
@@ -380,7 +396,8 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
                    const at::Tensor& bias, const LogitMap<acc_t>& o, const at::Tensor& g_logp,
                    const at::Tensor& g_ent, const at::Tensor& lse, const at::Tensor& ent,
                    at::Tensor& dH, at::Tensor& dW, at::Tensor& db) {
-  const Plan plan = make_plan(H.size(0), H.size(1), W.size(0));
+  constexpr int64_t kRowBlock = Tiles<scalar_t>::NB, kVocabTile = Tiles<scalar_t>::VT;
+  const Plan plan = make_plan(H.size(0), H.size(1), W.size(0), kVocabTile);
   const int64_t N = plan.N, D = plan.D, V = plan.V, P = plan.ntasks;
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   const auto acc_opts = H.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -405,15 +422,17 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
 
   at::parallel_for(0, P, 1, [&](int64_t task_begin, int64_t task_end) {
     DenormalsAreZero daz;
-    at::Tensor zt = at::empty({kRowBlock * kVocabTile}, H.options());
-    at::Tensor zacc = same ? zt : at::empty({kRowBlock * kVocabTile}, acc_opts);
-    at::Tensor gt = same ? zt : at::empty({kRowBlock * kVocabTile}, H.options());
+    const int64_t tile_elems = std::min(kRowBlock, N) * std::min(kVocabTile, V);
+    at::Tensor zt = at::empty({tile_elems}, H.options());
+    at::Tensor zacc = same ? zt : at::empty({tile_elems}, acc_opts);
+    at::Tensor gt = same ? zt : at::empty({tile_elems}, H.options());
+    std::vector<acc_t> scratch(same ? 0 : kVocabTile);
     at::Tensor dw_acc, dw_tmp, dh_tmp;
     if (!same && need_w && multi_block) {
-      dw_acc = at::empty({kVocabTile, D}, acc_opts);
-      dw_tmp = at::empty({kVocabTile, D}, H.options());
+      dw_acc = at::empty({std::min(kVocabTile, V), D}, acc_opts);
+      dw_tmp = at::empty({std::min(kVocabTile, V), D}, H.options());
     }
-    if (!same && need_h) dh_tmp = at::empty({kRowBlock, D}, H.options());
+    if (!same && need_h) dh_tmp = at::empty({std::min(kRowBlock, N), D}, H.options());
     for (int64_t task = task_begin; task < task_end; ++task) {
       at::Tensor dh = need_h ? dh_of(task) : at::Tensor();
       for (int64_t tile = plan.tile_begin(task); tile < plan.tile_begin(task + 1); ++tile) {
@@ -436,7 +455,7 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
                                       (c >= 0 && c < vt) ? c : -1, gl ? gl[r] : acc_t(0),
                                       entropy ? ge[r] : acc_t(0), lser,
                                       entropy ? lser - en[r] : acc_t(0), entropy,
-                                      gp + i * vt, dbp ? dbp + v0 : nullptr);
+                                      gp + i * vt, dbp ? dbp + v0 : nullptr, scratch.data());
           }
           if (need_h) {
             at::Tensor dh_blk = dh.narrow(0, r0, nb);

@@ -11,6 +11,7 @@ and the precision, so a later run on the same model and data skips the pass enti
 
 from __future__ import annotations
 
+import array
 import hashlib
 import os
 from pathlib import Path
@@ -37,6 +38,9 @@ def _feed(h: hashlib._Hash, obj: object) -> None:
             _feed(h, str(k))
             _feed(h, obj[k])
         h.update(b"}")
+    elif isinstance(obj, list | tuple) and obj and all(type(x) is int for x in obj):
+        h.update(f"i[{len(obj)}".encode())  # token ids: one update, not one per token
+        h.update(array.array("q", obj).tobytes())
     elif isinstance(obj, list | tuple):
         h.update(f"[{len(obj)}".encode())
         for x in obj:

@@ -156,6 +156,7 @@ def test_outputs_metrics_curves_and_model(assets, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_one_large_batch(assets, tmp_path):
     base = _args(assets, tmp_path, "dpo", steps=2)
     one = base + ["--micro-batch", "4", "--grad-accum", "1", "--output-dir", str(tmp_path / "a")]
@@ -171,6 +172,7 @@ def test_grad_accumulation_equals_one_large_batch(assets, tmp_path):
         torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_reference_cache_is_hit_and_matches_in_pass_reference(assets, tmp_path):
     def _a2(*extra):
         return _args(assets, tmp_path, "dpo", *extra, steps=2)

@@ -110,15 +110,18 @@ class PolicyLogps(nn.Module):
         return logps, (labels != IGNORE_INDEX).sum(-1).float()
 
 
-def attention_implementation(requested: str = "auto") -> str:
-    """``sdpa`` unless flash-attn is installed (the ``gpu`` extra) and a GPU is present."""
+def attention_implementation(requested: str = "auto", dtype: torch.dtype | None = None) -> str:
+    """``sdpa`` unless flash-attn is installed (the ``gpu`` extra), a GPU is present and the
+    weights are 16-bit (flash-attn has no fp32 kernels)."""
     if requested != "auto":
         return requested
+    if not torch.cuda.is_available() or dtype not in (torch.bfloat16, torch.float16):
+        return "sdpa"
     try:
         import flash_attn  # noqa: F401
     except ImportError:
         return "sdpa"
-    return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+    return "flash_attention_2"
 
 
 def check_model_path(path: str | None, what: str = "model") -> None:
@@ -183,7 +186,7 @@ def build_or_load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
-    attn = attention_implementation(attn)
+    attn = attention_implementation(attn, dtype)
     if path is not None:
         check_model_path(path)
         with loading("model", path):

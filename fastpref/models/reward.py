@@ -37,7 +37,7 @@ def build_or_load_reward_model(
     checkpoint gets a freshly initialised head), or the bundled tiny Llama built with ``seed``."""
     from transformers import AutoModelForSequenceClassification
 
-    attn = attention_implementation(attn)
+    attn = attention_implementation(attn, dtype)
     if path is not None:
         check_model_path(path)
         with loading("model", path):

@@ -281,6 +281,7 @@ def train(cfg: TrainConfig) -> dict:
     eval_every = cfg.eval_every or max(1, total_steps // 5)
     lr = default_lr(cfg, spec)
     engine, scheduler = make_engine(scorer, ds_config, cfg, lr, total_steps)
+    task.ref_tables = {split: t.to(engine.device) for split, t in task.ref_tables.items()}
     start_step = 0
     data_order = [global_batch, cfg.seed, len(train_ex)]  # what fixes the batch of every step
     if resume_tag is not None:

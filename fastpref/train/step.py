@@ -52,7 +52,7 @@ def _reference(task: Task, batch: dict, split: str) -> Tensor | None:
                 batch["labels"][: rows * B],
             )
         return logps.view(rows, B)
-    table = task.ref_tables[split].to(batch["input_ids"].device)  # [n, R_ref]
+    table = task.ref_tables[split]  # [n, R_ref], moved to the device once in setup
     ref = table[batch["example_ids"]][:, :rows]  # [B, rows] (list: padding columns are 0)
     if ref.shape[1] < rows:
         ref = torch.nn.functional.pad(ref, (0, rows - ref.shape[1]))

@@ -135,6 +135,13 @@ struct Scratch {
 template <typename T>
 T one_list(int K, const T* s, const T* r, const bool* m, int kind, int weighting, T sigma,
            bool itemwise, Scratch<T>& w, T* grad) {
+  for (int j = 0; j < K; ++j) {
+    // NaN or inf relevance would poison the gains and orders: an error, checked here so the
+    // op needs no extra pass over the inputs
+    const bool finite = r[j] == r[j] && fp_abs(r[j]) != static_cast<T>(INFINITY);
+    TORCH_CHECK_VALUE(!real_item(m, j) || finite,
+                      "listwise_loss: relevance has NaN or inf entries at real (unmasked) items");
+  }
   if (count_real<T>(K, m) < 2) {
     for (int j = 0; j < K; ++j) grad[j] = T(0);
     return T(0);

@@ -235,7 +235,8 @@ def _listwise_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Fused forward: (loss[B], d loss/d scores [B, K]) in float32 (float64 for float64 scores)."""
     acc = _acc_dtype(scores)
-    _check_relevance_values(relevance, mask)
+    if backend not in ("cpu", "itemwise"):  # the C++ CPU kernel checks while it reads them
+        _check_relevance_values(relevance, mask)
     s = scores.to(acc).contiguous()
     r = relevance.to(acc).contiguous()
     m = None if mask is None else mask.contiguous()
@@ -262,11 +263,12 @@ def _setup_context(ctx, inputs, output):
     ctx.scores_dtype = inputs[0].dtype
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no [B, K] zeros for the gradient output's own gradient
 
 
-def _backward(ctx, grad_loss: Tensor, _grad_of_grad: Tensor):
+def _backward(ctx, grad_loss: Tensor | None, _grad_of_grad: Tensor | None):
     (grad,) = ctx.saved_tensors
-    d_scores = (grad_loss[:, None] * grad).to(ctx.scores_dtype)
+    d_scores = None if grad_loss is None else (grad_loss[:, None] * grad).to(ctx.scores_dtype)
     return d_scores, None, None, None, None, None, None  # one per input; only scores has one
 
 

@@ -13,6 +13,8 @@ other passage of the batch (of the global batch with ``gather=True``) is a negat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,6 +22,16 @@ from torch import Tensor
 from fastpref.ops.linear_logprobs import linear_logprobs
 
 __all__ = ["infonce", "infonce_reference"]
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The non-tensor options the row computations need."""
+
+    temperature: float
+    symmetric: bool
+    group_size: int | None  # set: group-only softmax over each query's own G passages
+    backend: str | None  # passed to linear_logprobs
 
 
 def infonce(
@@ -93,9 +105,10 @@ def infonce(
         queries, passages, positive_index, temperature, symmetric, normalize, group_size, in_batch
     )
     rows = _materialised_rows if backend == "reference" else _fused_rows
+    # Group-only: each softmax spans G passages; B·G scores are cheap to materialise.
+    opts = _Options(temperature, symmetric, None if in_batch else G, backend)
     if not in_batch:
-        # Group-only: each softmax spans G passages; B·G scores are cheap to materialise.
-        return rows(q, p, pos, q, 0, temperature, symmetric, G, backend)
+        return rows(q, p, pos, q, 0, opts)
     q_all, q_offset, p_all, p_offset = q, 0, p, 0
     if gather and torch.distributed.is_available() and torch.distributed.is_initialized():
         p_all, p_offset = _all_gather_rows(p)
@@ -106,7 +119,7 @@ def infonce(
             "infonce: gather=True needs an initialised torch.distributed "
             "process group (torch.distributed.init_process_group)"
         )
-    return rows(q, p_all, pos + p_offset, q_all, q_offset, temperature, symmetric, None, backend)
+    return rows(q, p_all, pos + p_offset, q_all, q_offset, opts)
 
 
 def infonce_reference(
@@ -129,9 +142,8 @@ def infonce_reference(
     q, p, pos, G = _prepare(
         queries, passages, positive_index, temperature, symmetric, normalize, group_size, in_batch
     )
-    return _materialised_rows(
-        q, p, pos, q, 0, temperature, symmetric, None if in_batch else G, None
-    )
+    opts = _Options(temperature, symmetric, None if in_batch else G, None)
+    return _materialised_rows(q, p, pos, q, 0, opts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,42 +151,30 @@ def infonce_reference(
 
 
 def _fused_rows(
-    q: Tensor,
-    p: Tensor,
-    pos: Tensor,
-    q_all: Tensor,
-    q_offset: int,
-    tau: float,
-    symmetric: bool,
-    group_size: int | None,
-    backend: str | None,
+    q: Tensor, p: Tensor, pos: Tensor, q_all: Tensor, q_offset: int, o: _Options
 ) -> Tensor:
+    """Loss rows of queries q against passages p (and q_all for the passage→query term)."""
+    tau, group_size = o.temperature, o.group_size
     if group_size is not None:  # group-only softmax, [B, G] scores
         B, D = q.shape
         acc = _acc_dtype(q.dtype)
         scores = torch.einsum("bd,bgd->bg", q.to(acc), p.to(acc).view(B, group_size, D)) / tau
         local = (pos - torch.arange(B, device=pos.device) * group_size)[:, None]
         return torch.logsumexp(scores, dim=-1) - scores.gather(1, local).squeeze(1)
-    loss = -linear_logprobs(q, p, pos, temperature=tau, backend=backend)
-    if symmetric:
+    loss = -linear_logprobs(q, p, pos, temperature=tau, backend=o.backend)
+    if o.symmetric:  # the positives against every query: B×B_all, never materialised either
         labels = torch.arange(q.shape[0], device=q.device) + q_offset
         loss = 0.5 * (
-            loss - linear_logprobs(p[pos], q_all, labels, temperature=tau, backend=backend)
+            loss - linear_logprobs(p[pos], q_all, labels, temperature=tau, backend=o.backend)
         )
     return loss
 
 
 def _materialised_rows(
-    q: Tensor,
-    p: Tensor,
-    pos: Tensor,
-    q_all: Tensor,
-    q_offset: int,
-    tau: float,
-    symmetric: bool,
-    group_size: int | None,
-    backend: str | None,
+    q: Tensor, p: Tensor, pos: Tensor, q_all: Tensor, q_offset: int, o: _Options
 ) -> Tensor:
+    """``_fused_rows`` through the full similarity matrices."""
+    tau, group_size = o.temperature, o.group_size
     acc = _acc_dtype(q.dtype)
     logits = (q @ p.T).to(acc) / tau  # [B, M]
     if group_size is not None:
@@ -183,7 +183,7 @@ def _materialised_rows(
         own = owner[None, :] == torch.arange(B, device=q.device)[:, None]
         logits = logits.masked_fill(~own, float("-inf"))
     loss = F.cross_entropy(logits, pos, reduction="none")
-    if symmetric:
+    if o.symmetric:
         logits_t = (p[pos] @ q_all.T).to(acc) / tau  # [B, B_all] = S[:, pos].T
         labels = torch.arange(q.shape[0], device=q.device) + q_offset
         loss = 0.5 * (loss + F.cross_entropy(logits_t, labels, reduction="none"))

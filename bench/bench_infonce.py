@@ -123,6 +123,28 @@ def test_infonce_fwd_bwd(benchmark, D, group_size, contender):
     benchmark.pedantic(_step, args=(fn, q, p), rounds=3, warmup_rounds=1, iterations=1)
 
 
+@pytest.mark.parametrize("D, group_size", SHAPES, ids=[f"D{d}-G{g}" for d, g in SHAPES])
+def test_infonce_vs_eager_interleaved(benchmark, D, group_size):
+    """fastpref / eager time ratio from alternating steps (robust to load drifting between
+    tests on a shared machine): the median of 5 pairs, in ``extra_info``."""
+    M = B * group_size
+    q, p = _inputs(M, D)
+    times: dict[str, list[float]] = {"fastpref": [], "eager": []}
+
+    def pair() -> None:
+        for name in times:
+            t0 = time.perf_counter()
+            _step(CONTENDERS[name], q, p)
+            times[name].append(time.perf_counter() - t0)
+
+    benchmark.group = "infonce fastpref + eager, interleaved"
+    benchmark.extra_info.update(_hardware())
+    benchmark.pedantic(pair, rounds=5, warmup_rounds=1, iterations=1)
+    median = {k: sorted(v[-5:])[2] for k, v in times.items()}
+    benchmark.extra_info.update({f"{k}_median_s": round(v, 3) for k, v in median.items()})
+    benchmark.extra_info["fastpref_over_eager"] = round(median["fastpref"] / median["eager"], 3)
+
+
 def test_scale_beyond_reference(benchmark):
     """fastpref runs where the reference cannot: predicted reference need vs measured fastpref.
 

@@ -272,3 +272,22 @@ def test_never_materialises_similarities(symmetric):
     with _LargestTensor() as mode:
         infonce_reference(q, p, positives, symmetric=symmetric).sum().backward()
     assert mode.numel >= B * M  # the probe does see a materialised similarity matrix
+
+
+def test_torch_compile_fullgraph():
+    """infonce is plain PyTorch around the linear_logprobs custom op: compile traces it whole."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(6, 8, generator=g, requires_grad=True)
+    p = torch.randn(12, 8, generator=g, requires_grad=True)
+    positives = torch.tensor([0, 5, 2, 11, 7, 3])
+
+    def loss(q, p):
+        return infonce(q, p, positives, symmetric=True, temperature=0.1, backend="cpu")
+
+    # aot_eager: the whole trace (fake tensors, AOT autograd) without inductor codegen time
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    dq, dp = torch.autograd.grad(compiled(q, p).sum(), (q, p))
+    expected = infonce_reference(q, p, positives, symmetric=True, temperature=0.1)
+    edq, edp = torch.autograd.grad(expected.sum(), (q, p))
+    torch.testing.assert_close(compiled(q, p), expected)
+    torch.testing.assert_close((dq, dp), (edq, edp))

@@ -260,7 +260,7 @@ def _prepare(
         pos = torch.arange(B, device=queries.device) * group_size
     else:
         pos = _check_positive_index(positive_index, B, M, queries.device)
-    if not in_batch and B > 0:
+    if not in_batch and B > 0 and not torch.compiler.is_compiling():
         owner = pos // group_size
         expected = torch.arange(B, device=pos.device)
         bad = (owner != expected).nonzero()
@@ -291,6 +291,8 @@ def _check_positive_index(positive_index: Tensor, B: int, M: int, device: torch.
             f"infonce: positive_index is on {positive_index.device}, queries on {device}"
         )
     pos = positive_index.long()
+    if torch.compiler.is_compiling():  # a data-dependent check would break the graph; the
+        return pos  # kernel still rejects out-of-range targets at run time
     bad = ((pos < 0) | (pos >= M)).nonzero()
     if bad.numel():
         i = int(bad[0, 0])

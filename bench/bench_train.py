@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,12 @@ RUNS = [(v, r) for v in VOCABS for r in ("trl", "fastpref")] + [
 ]
 RESULTS: dict[tuple[int, str], dict] = {}
 
+# FASTPREF_BENCH_THREADS=N: intra-op threads of both trainers (default: torch's, one per core).
+# With other work on the shared cores, 2-thread OpenMP regions wait at barriers for a descheduled
+# thread; 1 thread makes both sides' CPU time a clean measure of their work.
+THREADS = os.environ.get("FASTPREF_BENCH_THREADS")
+SUFFIX = f"_{THREADS}thread" if THREADS else ""
+
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -73,6 +80,7 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "TQDM_DISABLE": "1",
     "FASTPREF_BENCH_QUICK": "1" if QUICK else "0",
+    **({"OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS} if THREADS else {}),
 }
 
 
@@ -242,12 +250,15 @@ def run_trl(workdir: Path, data: Data, vocab: int, *, gradient_checkpointing: bo
     assert r["steps"] == STEPS == len(r["step_s"])
     return {
         "step_s": r["step_s"],
+        "step_cpu_s": r["step_cpu_s"],
         "step_tokens": tokens,
         "precompute_s": 0.0,  # the reference forward is inside every step
+        "precompute_cpu_s": 0.0,
         "step0_loss": r["losses"][0],
         "step0_logps_chosen": r["logs"][0].get("logps/chosen"),
         "peak_rss_mb": r["peak_rss_mb"],
         "process_wall_s": child.wall_s,
+        "torch_threads": r["torch_threads"],
         "version": f"trl {r['trl_version']}",
     }
 
@@ -287,35 +298,50 @@ def run_fastpref(workdir: Path, data: Data, vocab: int, *, ref_in_pass: bool) ->
     ]
     steps = [rec for rec in records if "tokens/s" in rec]
     assert len(steps) == STEPS, f"expected {STEPS} step records, got {len(steps)}"
-    precompute = r["precompute_s"]
-    if precompute is None:
-        raise RuntimeError(f"could not time the reference precompute: {r}")
+    if r["precompute_s"] is None or "log_marks_error" in r:
+        raise RuntimeError(f"the worker could not observe the run: {r}")
+    # A step is the interval between its record and the previous one (the first step's
+    # previous record is the held-out evaluation just before the loop).
+    marks = r["log_marks"]
+    first = next(i for i, m in enumerate(marks) if m["train"])
+    window = marks[first - 1 : first + STEPS]
+    assert all(m["train"] for m in window[1:]), "an evaluation inside the timed steps"
     return {
-        "step_s": [rec["tokens"] / rec["tokens/s"] for rec in steps],
+        "step_s": [b["wall"] - a["wall"] for a, b in zip(window, window[1:], strict=False)],
+        "step_cpu_s": [b["cpu"] - a["cpu"] for a, b in zip(window, window[1:], strict=False)],
+        "step_s_logged": [rec["tokens"] / rec["tokens/s"] for rec in steps],
         "step_tokens": [rec["tokens"] for rec in steps],
-        "precompute_s": 0.0 if ref_in_pass else sum(precompute),
+        "precompute_s": 0.0 if ref_in_pass else sum(r["precompute_s"]),
+        "precompute_cpu_s": 0.0 if ref_in_pass else sum(r["precompute_cpu_s"]),
         "step0_loss": steps[0]["loss"],
         "step0_logps_chosen": steps[0].get("logps/chosen"),
         "peak_rss_mb": r["peak_rss_mb"],
         "process_wall_s": child.wall_s,
+        "torch_threads": r["torch_threads"],
         "version": "fastpref-train",
     }
 
 
 def summarise(r: dict) -> dict:
-    """Steady-state numbers over the timed steps, with the precompute counted in full."""
-    timed_s, timed_tok = r["step_s"][WARMUP:], r["step_tokens"][WARMUP:]
-    # The precompute scores every training example once; the timed steps' share of it:
-    share = r["precompute_s"] * len(timed_s) / len(r["step_s"])
-    step = (sum(timed_s) + share) / len(timed_s)
-    return {
-        "step_s": step,
-        "step_s_without_ref_pass": sum(timed_s) / len(timed_s),
-        "tokens_per_s": sum(timed_tok) / (sum(timed_s) + share),
-        "precompute_s": r["precompute_s"],
-        "peak_rss_mb": r["peak_rss_mb"],
-        "tokens_per_step": sum(timed_tok) / len(timed_tok),
-    }
+    """Steady-state numbers over the timed steps, with the precompute counted in full.
+
+    The precompute scores every training example once; the timed steps are charged their share
+    of it (timed steps / all steps). CPU seconds (all threads of the process) are reported next
+    to wall seconds because the 2 cores are shared: wall time moves with the load of others,
+    CPU time much less.
+    """
+    n = len(r["step_s"])
+    timed_tok = sum(r["step_tokens"][WARMUP:])
+    out = {"tokens_per_step": timed_tok / TIMED}
+    for clock, suffix in (("step_s", ""), ("step_cpu_s", "_cpu")):
+        timed = sum(r[clock][WARMUP:])
+        share = r[f"precompute{suffix}_s"] * TIMED / n
+        out[f"step{suffix}_s"] = (timed + share) / TIMED
+        out[f"step{suffix}_s_without_ref_pass"] = timed / TIMED
+        out[f"tokens_per{suffix}_s"] = timed_tok / (timed + share)
+        out[f"precompute{suffix}_s"] = r[f"precompute{suffix}_s"]
+    out["peak_rss_mb"] = r["peak_rss_mb"]
+    return out
 
 
 @pytest.mark.parametrize(("vocab", "run"), RUNS, ids=[f"{v}-{r}" for v, r in RUNS])
@@ -359,14 +385,17 @@ def test_report(workdir: Path, data: Data) -> None:
         base = RESULTS[(vocab, "trl")]["summary"]
         rows.append(
             f"| {vocab} | {run} | {s['step_s']:.2f} | {s['tokens_per_s']:.0f} | "
-            f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}x | {s['precompute_s']:.2f} | "
-            f"{s['peak_rss_mb']:.0f} | {s['peak_rss_mb'] / base['peak_rss_mb']:.2f}x | "
+            f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}x | {s['step_cpu_s']:.2f} | "
+            f"{s['tokens_per_cpu_s']:.0f} | "
+            f"{s['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f}x | "
+            f"{s['precompute_s']:.2f} | {s['peak_rss_mb']:.0f} | "
+            f"{s['peak_rss_mb'] / base['peak_rss_mb']:.2f}x | "
             f"{RESULTS[(vocab, run)]['step0_loss']:.6f} |"
         )
     table = "\n".join([
-        "| vocab | run | step (s) | completion tok/s | vs TRL | ref precompute (s) | "
-        "peak RSS (MB) | vs TRL | step-0 loss |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| vocab | run | step (s) | completion tok/s | vs TRL | step (CPU s) | tok per CPU s | "
+        "vs TRL | ref precompute (s) | peak RSS (MB) | vs TRL | step-0 loss |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
     ])  # fmt: skip
     agreement = RESULTS.get(("agreement", "logps"))
@@ -374,20 +403,24 @@ def test_report(workdir: Path, data: Data) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "hardware": hardware(),
+        "worker_threads": {f"{v}-{r}": RESULTS[(v, r)]["torch_threads"] for v, r in RUNS},
         "micro_batch_pairs": MICRO_BATCH,
         "max_length": data.max_length,
         "warmup_steps": WARMUP,
         "timed_steps": TIMED,
         "tokens_per_step_mean": sum(completion_tokens(data.trl_examples)) / STEPS,
         "agreement": agreement,
+        # logged mean Σ log p of the chosen completions in step 0 (the same batch in every run)
+        "step0_logps_chosen": {f"{v}-{r}": RESULTS[(v, r)]["step0_logps_chosen"] for v, r in RUNS},
         "versions": {k[1]: RESULTS[k]["version"] for k in RUNS},
     }
-    (out / "train_sweep.md").write_text(table + "\n")
-    (out / "train_sweep.json").write_text(json.dumps(
+    (out / f"train_sweep{SUFFIX}.md").write_text(table + "\n")
+    (out / f"train_sweep{SUFFIX}.json").write_text(json.dumps(
         {"meta": meta, "runs": {f"{v}-{r}": RESULTS[(v, r)] for v, r in RUNS}},
         indent=2, default=str,
     ))  # fmt: skip
-    plot_sweep(out / "train_vocab_sweep.png" if QUICK else BENCH_DIR / "train_vocab_sweep.png")
+    png = f"train_vocab_sweep{SUFFIX}.png"
+    plot_sweep(out / png if QUICK else BENCH_DIR / png)
     print("\n" + table)
     print(json.dumps(meta, indent=2, default=str))
 
@@ -398,32 +431,33 @@ def plot_sweep(path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-    for run, style in (("trl", "o-"), ("fastpref", "s-")):
-        s = [RESULTS[(v, run)]["summary"] for v in VOCABS]
-        label = "TRL DPOTrainer" if run == "trl" else "fastpref-train"
-        ax_t.plot(VOCABS, [x["tokens_per_s"] for x in s], style, label=label)
-        ax_m.plot(VOCABS, [x["peak_rss_mb"] / 1024 for x in s], style, label=label)
-    for v in VOCABS:
-        ratio = (
-            RESULTS[(v, "fastpref")]["summary"]["tokens_per_s"]
-            / (RESULTS[(v, "trl")]["summary"]["tokens_per_s"])
-        )
-        top = RESULTS[(v, "fastpref")]["summary"]["tokens_per_s"]
-        ax_t.annotate(f"{ratio:.1f}x", (v, top), textcoords="offset points", xytext=(0, 6),
-                      ha="center")  # fmt: skip
-    for ax, title, unit in ((ax_t, "training throughput", "completion tokens / s"),
-                            (ax_m, "peak resident memory", "GiB")):  # fmt: skip
+    fig, (ax_t, ax_c, ax_m) = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = (
+        (ax_t, "tokens_per_s", 1, "throughput (wall clock)", "completion tokens / s"),
+        (ax_c, "tokens_per_cpu_s", 1, "throughput per CPU second", "completion tokens / CPU s"),
+        (ax_m, "peak_rss_mb", 1 / 1024, "peak resident memory", "GiB"),
+    )
+    curves = (("trl", "o-", "TRL DPOTrainer"), ("fastpref", "s-", "fastpref-train"))
+    for ax, key, scale, title, unit in panels:
+        for run, style, label in curves:
+            ax.plot(VOCABS, [RESULTS[(v, run)]["summary"][key] * scale for v in VOCABS], style,
+                    label=label)  # fmt: skip
+        for v in VOCABS:
+            ours, theirs = (RESULTS[(v, run)]["summary"][key] for run in ("fastpref", "trl"))
+            ax.annotate(f"{ours / theirs:.2f}x", (v, ours * scale), textcoords="offset points",
+                        xytext=(0, 7), ha="center", fontsize=8)  # fmt: skip
         ax.set_xscale("log")
         ax.set_xticks(list(VOCABS), [f"{v // 1000}k" for v in VOCABS])
         ax.set_xlabel("vocabulary size")
         ax.set_ylabel(unit)
         ax.set_title(title)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(
-        f"DPO, Llama hidden 256 x 4 layers, {MICRO_BATCH} pairs/step, float32, "
-        f"{hardware()['cores']} CPU cores"
+        f"DPO step incl. reference pass, Llama hidden 256 x 4 layers, {MICRO_BATCH} pairs/step, "
+        f"float32, {THREADS or hardware()['cores']} thread(s) on {hardware()['cores']} shared "
+        "cores (labels: fastpref / TRL)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

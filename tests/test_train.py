@@ -111,8 +111,8 @@ START = {"dpo": math.log(2), "cdpo": math.log(2), "robust": math.log(2), "hinge"
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_every_loss_trains_end_to_end(assets, tmp_path, loss):
-    summary, steps, evals = _run(_args(assets, tmp_path, loss, steps=3))
-    assert [r["step"] for r in steps] == [1, 2, 3]
+    summary, steps, evals = _run(_args(assets, tmp_path, loss, steps=2))
+    assert [r["step"] for r in steps] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
     before, after = evals[0], evals[-1]
     assert after["eval/loss"] < before["eval/loss"], (before, after)  # the same held-out rows

@@ -66,7 +66,9 @@ def infonce(
         queries: ``[B, D]``.
         passages: ``[M, D]``, same dtype and device.
         positive_index: ``[B]`` integer index of each query's positive passage in ``[0, M)``.
-            Default ``arange(B) * group_size`` (the positive opens each group).
+            Default ``arange(B) * group_size`` (the positive opens each group). Checked eagerly
+            (ValueError naming the first bad position); under ``torch.compile`` that
+            data-dependent check is left to the kernel's own target check.
         temperature: τ > 0.
         symmetric: also the passage→query direction for the positives (CLIP,
             https://arxiv.org/abs/2103.00020): positive passage ``p_{pos_i}`` against all B

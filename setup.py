@@ -36,12 +36,16 @@ def _extension():
             "fastpref._C",
             sources + cuda_sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx + ["-DFASTPREF_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={
+                "cxx": cxx + ["-DFASTPREF_WITH_CUDA"],
+                "nvcc": ["-O3", "-std=c++17"],
+            },
             extra_link_args=["-fopenmp"],
         )
     print(
         "fastpref: skipping CUDA kernels (torch "
-        f"{torch_version()} is not a CUDA build or nvcc was not found); building the CPU kernels only"
+        f"{torch_version()} is not a CUDA build or nvcc was not found); "
+        "building the CPU kernels only"
     )
     return cpp_extension.CppExtension(
         "fastpref._C",

@@ -41,7 +41,9 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def select_backend(op: str, device: torch.device, requested: str | None, supported: tuple[str, ...]) -> str:
+def select_backend(
+    op: str, device: torch.device, requested: str | None, supported: tuple[str, ...]
+) -> str:
     """Return the backend ``op`` runs with on ``device``.
 
     ``supported`` lists the backends this op implements. An explicit ``requested`` backend the op
@@ -58,8 +60,13 @@ def select_backend(op: str, device: torch.device, requested: str | None, support
             raise ValueError(f"{op}: unknown {source}={requested!r}; choose one of {supported}")
         if requested not in supported:
             if not from_env:
-                raise ValueError(f"{op}: backend={requested!r} is not implemented; choose one of {supported}")
-            warn_once(f"{op}:env:{requested}", f"{op}: {ENV_VAR}={requested!r} is not implemented by this op; using its default")
+                raise ValueError(
+                    f"{op}: backend={requested!r} is not implemented; choose one of {supported}"
+                )
+            warn_once(
+                f"{op}:env:{requested}",
+                f"{op}: {ENV_VAR}={requested!r} is not implemented by this op; using its default",
+            )
             requested = None
     if requested is None:
         if device.type == "cuda":
@@ -70,6 +77,9 @@ def select_backend(op: str, device: torch.device, requested: str | None, support
             requested = "chunked"
     reason = _unavailable_reason(requested, device)
     if reason is not None:
-        warn_once(f"{op}:{requested}:{reason}", f"{op}: falling back to the chunked PyTorch backend because {reason}")
+        warn_once(
+            f"{op}:{requested}:{reason}",
+            f"{op}: falling back to the chunked PyTorch backend because {reason}",
+        )
         return "chunked"
     return requested

@@ -10,7 +10,10 @@ try:
     NATIVE_ERROR: str | None = None
 except ImportError as exc:  # a source checkout that was never built, or a broken build
     _C = None
-    NATIVE_ERROR = f"fastpref._C could not be imported ({exc}); build it with `pip install --no-build-isolation -e .`"
+    NATIVE_ERROR = (
+        f"fastpref._C could not be imported ({exc}); "
+        "build it with `pip install --no-build-isolation -e .`"
+    )
 
 _warned: set[str] = set()
 

@@ -49,16 +49,17 @@ else:
     PAIRS, T, D, VOCABS = 4, 512, 512, (32000, 128256)
 PROMPT = T // 2
 CONTENDERS = ("eager", "liger", "liger_compiled", "fastpref")
-# Timed rounds per vocabulary (a 128k round of the slow contenders takes a minute on 2 busy
-# cores). Only the compiled contender gets a warm-up round: its first call compiles.
-ROUNDS = dict(zip(VOCABS, (3, 2), strict=False)) if not QUICK else {v: 2 for v in VOCABS}
+# Timed rounds per vocabulary (a 128k round of the slow contenders takes over a minute on 2
+# busy cores). Only the compiled contender gets a warm-up round: its first call compiles.
+ROUNDS = dict(zip(VOCABS, (3, 1), strict=False)) if not QUICK else {v: 2 for v in VOCABS}
 WARMUP = {"eager": 0, "liger": 0, "liger_compiled": 1, "fastpref": 0}
 
 # Tolerances against eager float32: the contenders sum the same float32 terms in another order
 # (chunks, tiles), so the loss agrees to float32 rounding of a sum over ~2k tokens, and every
-# gradient element to a small fraction of the largest one.
+# gradient element to a small fraction of the largest one (Liger compiled, whose inductor
+# log_softmax reduces 128k logits in another order, is 1.3e-4 of the max off eager at V=128256).
 LOSS_ATOL = 1e-4
-GRAD_RTOL_OF_MAX = 1e-4
+GRAD_RTOL_OF_MAX = 5e-4
 
 
 @dataclass
@@ -283,9 +284,40 @@ def _memory_worker(name: str, vocab: int) -> None:
     )
 
 
+def table(paths: list[str]) -> str:
+    """Markdown table from pytest-benchmark JSON files (``--benchmark-json``) of this file."""
+    rows = {}
+    for path in paths:
+        with open(path) as f:
+            for b in json.load(f)["benchmarks"]:
+                e = b["extra_info"]
+                if "V" not in e:  # a failed test records no extra info
+                    continue
+                rows[(e["V"], CONTENDERS.index(e["contender"]))] = (b["stats"], e)
+    lines = [
+        "| V | contender | min (s) | mean (s) | rounds | vs fastpref (min) | peak RSS above "
+        "baseline (MB) | full logits (MB) | loss err | dH err/max | dW err/max |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (vocab, _), (st, e) in sorted(rows.items()):
+        ours = rows.get((vocab, CONTENDERS.index("fastpref")))
+        rel = f"{st['min'] / ours[0]['min']:.2f}x" if ours else "-"
+        lines.append(
+            f"| {vocab} | {e['contender']} | {st['min']:.2f} | {st['mean']:.2f} | {st['rounds']} | "
+            f"{rel} | {e['peak_rss_above_baseline_mb']:.0f} | {e['full_logits_mb']:.0f} | "
+            f"{e['loss_abs_err']:.1e} | {e['d_hidden_max_err_over_max']:.1e} | "
+            f"{e['d_weight_max_err_over_max']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--memory", choices=CONTENDERS, required=True)
-    p.add_argument("--vocab", type=int, required=True)
+    p.add_argument("--memory", choices=CONTENDERS)
+    p.add_argument("--vocab", type=int)
+    p.add_argument("--table", nargs="+", metavar="BENCH_JSON")
     a = p.parse_args()
-    _memory_worker(a.memory, a.vocab)
+    if a.table:
+        print(table(a.table))
+    else:
+        _memory_worker(a.memory, a.vocab)

@@ -16,10 +16,10 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastpref.cli.train import main
-from fastpref.data import bundled_tokenizer_path, default_data
+from fastpref.data import default_data
 from fastpref.losses import LOSSES
 from fastpref.train import ConfigError, build_parser, parse_config, train
 from fastpref.train.config import TrainConfig
@@ -36,29 +36,6 @@ def _own_process_group():
         torch.distributed.destroy_process_group()
     os.environ.clear()
     os.environ.update(env)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    tokenizer = AutoTokenizer.from_pretrained(str(bundled_tokenizer_path()))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    for fmt in FORMATS:
-        lines = default_data(fmt).read_text().splitlines()[:48]
-        (root / f"{fmt}.jsonl").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def _args(assets, tmp_path, loss, *extra, steps=4):

@@ -19,34 +19,10 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from fastpref.data import bundled_tokenizer_path, default_data
 from fastpref.train.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    tokenizer = AutoTokenizer.from_pretrained(str(bundled_tokenizer_path()))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    lines = default_data("pair").read_text().splitlines()[:48]
-    (root / "pair.jsonl").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def _env():

@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny Llama with the bundled tokenizer, and 48 rows of each bundled format."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from fastpref.data import FORMATS, bundled_tokenizer_path, default_data
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_tokenizer_path()))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    for fmt in FORMATS:
+        lines = default_data(fmt).read_text().splitlines()[:48]
+        (root / f"{fmt}.jsonl").write_text("\n".join(lines) + "\n")
+    return root

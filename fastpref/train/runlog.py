@@ -34,7 +34,13 @@ class RunLog:
         elif self.path.exists():
             self.path.unlink()
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ModuleNotFoundError as exc:
+                raise RuntimeError(
+                    "--tensorboard needs the `tensorboard` package: "
+                    "pip install 'fastpref[tensorboard]'"
+                ) from exc
 
             self.writer = SummaryWriter(str(Path(output_dir) / "tb"))
 

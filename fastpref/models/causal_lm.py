@@ -21,7 +21,8 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from fastpref.ops import sequence_logprobs
+from fastpref.models.packing import pack_rows, packing_supported
+from fastpref.ops import linear_logprobs, sequence_logprobs
 
 __all__ = [
     "LMHead",
@@ -78,6 +79,16 @@ def backbone(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
+def _check_labels(labels: Tensor, vocab: int) -> None:
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        b, t = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"labels[{b}, {t}] = {int(labels[b, t])} is outside the vocabulary [0, {vocab}) "
+            f"and is not {IGNORE_INDEX}"
+        )
+
+
 class PolicyLogps(nn.Module):
     """``forward(input_ids, attention_mask, labels) -> (Σ log p [N], completion tokens [N])``.
 
@@ -86,11 +97,16 @@ class PolicyLogps(nn.Module):
     without the ``[N, T, V]`` logits. The wrapper is what DeepSpeed wraps, so under ZeRO-3 the
     lm_head weight is registered as an external parameter of this module: DeepSpeed gathers it
     for the fused op in forward and backward, and its gradient reaches the partitioned shard.
+
+    ``packing=True`` (the default where the model supports it, see ``packing_supported``) runs
+    the backbone on the prefix-shared packed batch of ``fastpref.models.packing``: no padding,
+    one copy of a prompt its completions share; the result is the same up to float rounding.
     """
 
-    def __init__(self, model: nn.Module, *, zero_stage: int = 0) -> None:
+    def __init__(self, model: nn.Module, *, zero_stage: int = 0, packing: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.packing = packing and packing_supported(model, backbone(model))
         if zero_stage == 3:
             import deepspeed
 
@@ -102,12 +118,33 @@ class PolicyLogps(nn.Module):
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
     ) -> tuple[Tensor, Tensor]:
-        hidden = backbone(self.model)(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state  # [N, T, D]
+        tokens = (labels != IGNORE_INDEX).sum(-1).float()
         head = lm_head(self.model)
-        logps = sequence_logprobs(hidden, head.weight, labels, head.bias, softcap=head.softcap)
-        return logps, (labels != IGNORE_INDEX).sum(-1).float()
+        if self.packing:  # name a bad label by its (row, position) before packing moves it
+            _check_labels(labels, head.weight.shape[0])
+        packed = pack_rows(input_ids, attention_mask, labels) if self.packing else None
+        if packed is None:
+            hidden = backbone(self.model)(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state  # [N, T, D]
+            logps = sequence_logprobs(hidden, head.weight, labels, head.bias, softcap=head.softcap)
+            return logps, tokens
+        mask = packed.mask
+        if self.model.config._attn_implementation == "eager":  # eager adds the mask to scores
+            dtype = head.weight.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(dtype).min
+            )
+        hidden = backbone(self.model)(
+            input_ids=packed.input_ids,
+            attention_mask=mask,
+            position_ids=packed.position_ids,
+            use_cache=False,
+        ).last_hidden_state  # [rows, L, D]
+        scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.source)
+        logp = linear_logprobs(scored, head.weight, packed.targets, head.bias, softcap=head.softcap)
+        logps = logp.new_zeros(packed.num_sequences).index_add(0, packed.sequence, logp)
+        return logps, tokens
 
 
 def attention_implementation(requested: str = "auto", dtype: torch.dtype | None = None) -> str:

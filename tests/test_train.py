@@ -333,3 +333,31 @@ def test_sft_accuracy_scores_each_completion_after_another_prompt():
         assert torch.equal(
             labels[: n - 1][labels[: n - 1] != -100], ids[1:n][labels[: n - 1] != -100]
         )
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("max_norm", [0.05, 1e6, 0.0])
+def test_clipped_adamw_equals_clip_then_adamw(fused, max_norm):
+    """ClippedAdamW = clip_grad_norm_ followed by AdamW: parameters, gradients and the norm."""
+    from fastpref.train.engine import ClippedAdamW
+
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    a = [torch.randn(s, requires_grad=True) for s in shapes]
+    b = [p.detach().clone().requires_grad_(True) for p in a]
+    kw = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), fused=fused)
+    ours = ClippedAdamW(a, max_grad_norm=max_norm, **kw)
+    theirs = torch.optim.AdamW(b, **kw)
+    for step in range(3):
+        grads = [torch.randn(s) * (step + 1) for s in shapes]
+        for p, q, g in zip(a, b, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        norm = torch.nn.utils.clip_grad_norm_(b, max_norm) if max_norm > 0 else None
+        ours.step()
+        theirs.step()
+        if norm is not None:
+            torch.testing.assert_close(ours._global_grad_norm, norm)
+        for p, q in zip(a, b, strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert not hasattr(ours, "grad_scale")  # nothing left behind for the next step

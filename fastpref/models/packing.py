@@ -33,6 +33,7 @@ __all__ = ["Packed", "pack_rows", "packing_supported", "MAX_MASK_ELEMENTS"]
 IGNORE_INDEX = -100
 # The mask is [rows, 1, L, L]; past this many elements a padded batch is cheaper to hold.
 MAX_MASK_ELEMENTS = 1 << 25
+MAX_ROW = 128  # tokens: units shorter than this may share a row; its attention stays cheap
 
 
 @dataclass
@@ -73,6 +74,34 @@ def _first_scored(labels: Tensor, lengths: Tensor) -> list[int]:
     return first.tolist()
 
 
+def _first_fit(sizes: dict, capacity: int) -> list[list]:
+    bins: list[list] = []
+    fill: list[int] = []
+    for key in sorted(sizes, key=lambda k: -sizes[k]):
+        for b, used in enumerate(fill):
+            if used + sizes[key] <= capacity:
+                bins[b].append(key)
+                fill[b] += sizes[key]
+                break
+        else:
+            bins.append([key])
+            fill.append(sizes[key])
+    return bins
+
+
+def _bin_pack(sizes: dict) -> tuple[list[list], int]:
+    """Units into rows, first-fit decreasing; the row length (between the longest unit and
+    ``MAX_ROW``) is the one with the fewest token slots, rows x length."""
+    longest = max(sizes.values(), default=1)
+    best = None
+    for capacity in range(longest, max(longest, MAX_ROW) + 1, 8):
+        bins = _first_fit(sizes, capacity)
+        length = max((sum(sizes[k] for k in b) for b in bins), default=1)
+        if best is None or len(bins) * length < len(best[0]) * best[1]:
+            best = (bins, length)
+    return best
+
+
 def pack_rows(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Packed | None:
     """Pack right-padded rows (labels aligned with the hidden states, ``-100`` elsewhere).
 
@@ -103,20 +132,7 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Pack
         cut = min(first[rows[0]] + 1, lengths_l[rows[0]])
         sizes[key] = cut + sum(lengths_l[r] - cut for r in rows)
 
-    # First-fit decreasing into rows as long as the longest unit: attention over a packed row
-    # costs at most what the longest unit's own row would.
-    L = max(sizes.values(), default=1)
-    bins: list[list[tuple[int, ...]]] = []
-    fill: list[int] = []
-    for key in sorted(units, key=lambda k: -sizes[k]):
-        for b, used in enumerate(fill):
-            if used + sizes[key] <= L:
-                bins[b].append(key)
-                fill[b] += sizes[key]
-                break
-        else:
-            bins.append([key])
-            fill.append(sizes[key])
+    bins, L = _bin_pack(sizes)
     rows_n = max(len(bins), 1)
     if rows_n * L * L > MAX_MASK_ELEMENTS:
         return None

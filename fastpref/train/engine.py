@@ -19,7 +19,43 @@ from torch import nn
 
 from fastpref.train.config import ConfigError, TrainConfig
 
-__all__ = ["init_distributed", "deepspeed_config", "make_engine", "lr_lambda"]
+__all__ = ["ClippedAdamW", "init_distributed", "deepspeed_config", "make_engine", "lr_lambda"]
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    """AdamW that clips by the global gradient norm inside its own step.
+
+    One ``_foreach_norm`` gives the global norm (kept as ``_global_grad_norm``, which DeepSpeed
+    reports from ``get_global_grad_norm``); the clip factor then rides into the fused kernel as
+    its ``grad_scale`` (it divides each gradient by it before the update and leaves the clipped
+    gradient behind, as ``clip_grad_norm_`` would), so clipping costs no extra pass over the
+    gradients. The factor is ``max_norm / (norm + 1e-6)`` capped at 1, as in ``clip_grad_norm_``.
+    """
+
+    def __init__(self, params, *, max_grad_norm: float, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+        self._global_grad_norm: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return super().step(closure)
+        norms = torch._foreach_norm(grads, 2.0)
+        norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+        self._global_grad_norm = norm
+        coef = self.max_grad_norm / (float(norm) + 1e-6) if self.max_grad_norm > 0 else 1.0
+        if coef >= 1.0:
+            return super().step(closure)
+        if not self.defaults.get("fused"):
+            torch._foreach_mul_(grads, coef)
+            return super().step(closure)
+        self.grad_scale = torch.tensor(1.0 / coef, device=grads[0].device)
+        try:
+            return super().step(closure)
+        finally:
+            del self.grad_scale
 
 
 def _free_port() -> int:
@@ -110,6 +146,14 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return factor
 
 
+def _plain_fp32_step(ds: dict[str, Any]) -> bool:
+    """ZeRO-0 without fp16/bf16/autocast: DeepSpeed steps our optimizer on the full fp32
+    gradients (averaged over ranks in backward, so every rank sees the same norm)."""
+    zero = ds.get("zero_optimization", {}).get("stage", 0)
+    half = any(ds.get(k, {}).get("enabled", False) for k in ("fp16", "bf16", "torch_autocast"))
+    return zero == 0 and not half
+
+
 def make_engine(
     model: nn.Module, ds: dict[str, Any], cfg: TrainConfig, lr: float, total_steps: int
 ):
@@ -122,9 +166,15 @@ def make_engine(
         # The fused AdamW updates every tensor in one pass (CPU and CUDA); the default per-tensor
         # loop cost 14% of a step on the tiny CPU model (py-spy, bench/bench_train.py).
         fused = all(p.device.type in ("cpu", "cuda") for p in params)
-        optimizer = torch.optim.AdamW(
-            params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused
-        )
+        kwargs = dict(lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused)
+        if _plain_fp32_step(ds):
+            # DeepSpeed would clip fp32 ZeRO-0 gradients with a norm and a multiply per tensor
+            # before the step; the optimizer does both in its fused pass instead.
+            clip = float(ds.get("gradient_clipping", 0.0) or 0.0)
+            ds = {**ds, "gradient_clipping": 0.0}
+            optimizer = ClippedAdamW(params, max_grad_norm=clip, **kwargs)
+        else:
+            optimizer = torch.optim.AdamW(params, **kwargs)
     if "scheduler" not in ds and optimizer is not None:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(

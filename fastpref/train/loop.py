@@ -26,7 +26,7 @@ from fastpref.models import (
 )
 from fastpref.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastpref.train.config import LOSS_HPARAMS, ConfigError, TrainConfig
-from fastpref.train.engine import deepspeed_config, init_distributed, make_engine
+from fastpref.train.engine import ClippedAdamW, deepspeed_config, init_distributed, make_engine
 from fastpref.train.evaluate import evaluate, mismatched_completions
 from fastpref.train.reference import (
     cache_key,
@@ -281,6 +281,8 @@ def train(cfg: TrainConfig) -> dict:
     eval_every = cfg.eval_every or max(1, total_steps // 5)
     lr = default_lr(cfg, spec)
     engine, scheduler = make_engine(scorer, ds_config, cfg, lr, total_steps)
+    # ZeRO and ClippedAdamW report the global norm; otherwise it is read before the step
+    norm_before_step = cfg.zero_stage == 0 and not isinstance(engine.optimizer, ClippedAdamW)
     task.ref_tables = {split: t.to(engine.device) for split, t in task.ref_tables.items()}
     start_step = 0
     data_order = [global_batch, cfg.seed, len(train_ex)]  # what fixes the batch of every step
@@ -348,13 +350,13 @@ def train(cfg: TrainConfig) -> dict:
             batch = batch_to_device(collate([train_ex[i] for i in idx], fmt, pad_id), engine.device)
             loss, metrics, _, tok, _ = micro_step(task, engine, batch, "train")
             engine.backward(loss)
-            if micro == cfg.grad_accum - 1 and cfg.zero_stage == 0:  # ZeRO reports its own
+            if micro == cfg.grad_accum - 1 and norm_before_step:
                 pre_norm = _grad_norm_now(engine)
             engine.step()
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 values.setdefault(k, []).append(v)
             tokens = tokens + tok.sum()
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = engine.get_global_grad_norm()  # ClippedAdamW's, or ZeRO's
         means, tokens = _reduce_mean(values, tokens, world_size)
         record = {"step": step + 1, **means}
         elapsed = time.perf_counter() - t0

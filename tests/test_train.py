@@ -361,3 +361,40 @@ def test_clipped_adamw_equals_clip_then_adamw(fused, max_norm):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert not hasattr(ours, "grad_scale")  # nothing left behind for the next step
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])
+def test_clipped_adamw_sparse_rows_equal_the_dense_update(max_norm, monkeypatch):
+    """A row-sparse embedding gradient gets exactly the dense AdamW update, block by block."""
+    from fastpref.train.engine import ClippedAdamW
+
+    monkeypatch.setattr(ClippedAdamW, "SPARSE_BLOCK", 3 * 4)  # 3 rows a block: several blocks
+    torch.manual_seed(0)
+    sparse_emb = torch.nn.Embedding(11, 4, sparse=True)
+    dense_emb = torch.nn.Embedding(11, 4)
+    dense_emb.load_state_dict(sparse_emb.state_dict())
+    lin_a, lin_b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    lin_b.load_state_dict(lin_a.state_dict())
+    kw = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
+    ours = ClippedAdamW(
+        [*sparse_emb.parameters(), *lin_a.parameters()], max_grad_norm=max_norm, **kw
+    )
+    theirs = torch.optim.AdamW([*dense_emb.parameters(), *lin_b.parameters()], **kw)
+    for step in range(4):
+        ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(step))
+        ids[0, :2] = 7  # a repeated row: its contributions are summed
+        for emb, lin in ((sparse_emb, lin_a), (dense_emb, lin_b)):
+            (lin(emb(ids)) ** 2).sum().mul(step + 1).backward()
+        assert sparse_emb.weight.grad.is_sparse
+        norm = torch.nn.utils.clip_grad_norm_(
+            [*dense_emb.parameters(), *lin_b.parameters()], max_norm
+        )
+        ours.step()
+        theirs.step()
+        torch.testing.assert_close(ours._global_grad_norm, norm)
+        for a, b in ((sparse_emb.weight, dense_emb.weight), (lin_a.weight, lin_b.weight)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(ours.state[a][key], theirs.state[b][key])
+        ours.zero_grad()
+        theirs.zero_grad()

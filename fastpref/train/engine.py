@@ -19,34 +19,82 @@ from torch import nn
 
 from fastpref.train.config import ConfigError, TrainConfig
 
-__all__ = ["ClippedAdamW", "init_distributed", "deepspeed_config", "make_engine", "lr_lambda"]
+__all__ = [
+    "ClippedAdamW",
+    "deepspeed_config",
+    "init_distributed",
+    "lr_lambda",
+    "make_engine",
+    "sparse_embedding_gradients",
+]
 
 
 class ClippedAdamW(torch.optim.AdamW):
-    """AdamW that clips by the global gradient norm inside its own step.
+    """AdamW that clips by the global gradient norm inside its own step, and takes row-sparse
+    gradients (an ``nn.Embedding(sparse=True)``) without ever making them dense.
 
     One ``_foreach_norm`` gives the global norm (kept as ``_global_grad_norm``, which DeepSpeed
     reports from ``get_global_grad_norm``); the clip factor then rides into the fused kernel as
     its ``grad_scale`` (it divides each gradient by it before the update and leaves the clipped
     gradient behind, as ``clip_grad_norm_`` would), so clipping costs no extra pass over the
     gradients. The factor is ``max_norm / (norm + 1e-6)`` capped at 1, as in ``clip_grad_norm_``.
+
+    A sparse gradient is the same update as its dense form: every row's moments decay, rows
+    without a gradient see g = 0. It is applied by the same fused kernel on blocks of rows,
+    each block's gradient made dense only for that call (a few MiB instead of the whole
+    ``[V, D]`` table). The state (``step``, ``exp_avg``, ``exp_avg_sq``) is AdamW's own, so
+    checkpoints do not care which form a gradient had.
     """
+
+    SPARSE_BLOCK = 1 << 20  # elements of one dense block of a sparse gradient (4 MiB fp32)
 
     def __init__(self, params, *, max_grad_norm: float, **kwargs) -> None:
         super().__init__(params, **kwargs)
         self.max_grad_norm = max_grad_norm
         self._global_grad_norm: torch.Tensor | None = None
+        # AdamW makes its state at the first step, between that step's transient buffers, where
+        # the moments then pin the freed transients in the heap; made now, they lie below.
+        if self.defaults.get("fused"):  # (an unfused step wants its step count on the CPU)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self._init_state(p)
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:  # AdamW's own layout (fused: a float32 step on the parameter's device)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return super().step(closure)
-        norms = torch._foreach_norm(grads, 2.0)
-        norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-        self._global_grad_norm = norm
-        coef = self.max_grad_norm / (float(norm) + 1e-6) if self.max_grad_norm > 0 else 1.0
-        if coef >= 1.0:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        sparse = {p: p.grad.coalesce() for p in params if p.grad.is_sparse}
+        grads = [sparse[p].values() if p in sparse else p.grad for p in params]
+        coef = 1.0
+        if grads:
+            norms = torch._foreach_norm(grads, 2.0)
+            norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+            self._global_grad_norm = norm
+            if self.max_grad_norm > 0:
+                coef = min(1.0, self.max_grad_norm / (float(norm) + 1e-6))
+        for p in sparse:
+            p.grad = None  # the dense step below skips parameters without a gradient
+        try:
+            dense = [g for p, g in zip(params, grads, strict=True) if p not in sparse]
+            loss = self._dense_step(closure, dense, coef)
+        finally:
+            for p, grad in sparse.items():
+                p.grad = grad
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in sparse:
+                    self._sparse_rows_step(p, sparse[p], group, coef)
+        return loss
+
+    def _dense_step(self, closure, grads: list[torch.Tensor], coef: float):
+        if coef >= 1.0 or not grads:
             return super().step(closure)
         if not self.defaults.get("fused"):
             torch._foreach_mul_(grads, coef)
@@ -56,6 +104,34 @@ class ClippedAdamW(torch.optim.AdamW):
             return super().step(closure)
         finally:
             del self.grad_scale
+
+    def _sparse_rows_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict, coef: float):
+        if grad.sparse_dim() != 1 or group["amsgrad"] or group["maximize"] or not group["fused"]:
+            raise ValueError(
+                "ClippedAdamW: a sparse gradient must be row-sparse (nn.Embedding(sparse=True)), "
+                "with fused=True and amsgrad/maximize off"
+            )
+        state = self._init_state(p)
+        state["step"] += 1
+        rows, values = grad.indices()[0], grad.values()  # coalesced: rows sorted, unique
+        if coef < 1.0:
+            values = values * coef
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        block = max(1, self.SPARSE_BLOCK // max(1, p[0].numel()))
+        bounds = torch.searchsorted(
+            rows, torch.arange(0, p.shape[0] + block, block, device=p.device)
+        )
+        for i, r0 in enumerate(range(0, p.shape[0], block)):
+            r1 = min(p.shape[0], r0 + block)
+            dense = p.new_zeros((r1 - r0, *p.shape[1:]))
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            if hi > lo:
+                dense.index_copy_(0, rows[lo:hi] - r0, values[lo:hi])
+            args = ([p[r0:r1]], [dense], [m[r0:r1]], [v[r0:r1]], [], [state["step"]])
+            kw = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                      weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+                      maximize=False)  # fmt: skip
+            torch._fused_adamw_(*args, **kw)
 
 
 def _free_port() -> int:
@@ -189,3 +265,27 @@ def make_engine(
         # gradient for its all-reduce (5% of a CPU step); ZeRO stages reduce in their own hooks.
         engine.enable_backward_allreduce = False
     return engine, scheduler
+
+
+def sparse_embedding_gradients(hf_model: nn.Module, engine) -> bool:
+    """Switch the input embedding to row-sparse gradients where nothing else is affected.
+
+    A batch touches a few hundred rows of a ``[V, D]`` table, yet the dense gradient is the
+    whole table (33 MB at V=32000, D=256, written and read every step). ClippedAdamW applies
+    the sparse form exactly; it is used when it is the optimizer, alone (no all-reduce of
+    gradients to rewrite) and the table is not tied to the lm_head (whose fused gradient is
+    dense anyway). Returns whether it was switched.
+    """
+    emb = hf_model.get_input_embeddings()
+    out = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
+    ok = (
+        isinstance(engine.optimizer, ClippedAdamW)
+        and engine.optimizer.defaults.get("fused")
+        and engine.world_size == 1
+        and isinstance(emb, nn.Embedding)
+        and emb.weight.requires_grad
+        and (out is None or out.weight is not emb.weight)
+    )
+    if ok:
+        emb.sparse = True
+    return bool(ok)

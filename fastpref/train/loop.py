@@ -26,7 +26,13 @@ from fastpref.models import (
 )
 from fastpref.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastpref.train.config import LOSS_HPARAMS, ConfigError, TrainConfig
-from fastpref.train.engine import ClippedAdamW, deepspeed_config, init_distributed, make_engine
+from fastpref.train.engine import (
+    ClippedAdamW,
+    deepspeed_config,
+    init_distributed,
+    make_engine,
+    sparse_embedding_gradients,
+)
 from fastpref.train.evaluate import evaluate, mismatched_completions
 from fastpref.train.reference import (
     cache_key,
@@ -281,6 +287,7 @@ def train(cfg: TrainConfig) -> dict:
     eval_every = cfg.eval_every or max(1, total_steps // 5)
     lr = default_lr(cfg, spec)
     engine, scheduler = make_engine(scorer, ds_config, cfg, lr, total_steps)
+    sparse_embedding_gradients(model, engine)
     # ZeRO and ClippedAdamW report the global norm; otherwise it is read before the step
     norm_before_step = cfg.zero_stage == 0 and not isinstance(engine.optimizer, ClippedAdamW)
     task.ref_tables = {split: t.to(engine.device) for split, t in task.ref_tables.items()}
@@ -410,6 +417,10 @@ def train(cfg: TrainConfig) -> dict:
         hf_model.save_pretrained(final_dir)
     if is_main:
         tokenizer.save_pretrained(final_dir)
+    if isinstance(engine.optimizer, torch.optim.Optimizer):
+        # Training is over and the weights are saved: the moments (2x the model) go before
+        # the plot loads matplotlib, so the run's last act does not set its peak memory.
+        engine.optimizer.state.clear()
     summary = {
         "loss": spec.name,
         "steps": total_steps,

@@ -103,7 +103,9 @@ def one_process(assets, tmp_path_factory):
     return tmp / "run"
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# stage 0: DeepSpeed all-reduces dense gradients and ClippedAdamW clips and steps on each rank,
+# against one rank whose embedding gradient is row-sparse
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_two_processes_match_one_process(assets, tmp_path, one_process, stage):
     argv = _args(assets, tmp_path, "run", "--micro-batch", "2", "--zero-stage", str(stage))
     out = _finish(_launch(argv, nproc=2))

@@ -23,7 +23,7 @@ from fastpref.train.step import batch_to_device, reference_rows
 
 __all__ = ["cache_key", "compute_reference_table", "default_cache_dir", "load_or_compute"]
 
-_VERSION = "1"  # bump when the table's meaning changes
+_VERSION = "2"  # bump when the table changes in meaning or rounding (2: packed batches)
 
 
 def default_cache_dir() -> Path:
@@ -86,8 +86,11 @@ def compute_reference_table(
         batch = batch_to_device(collate(chunk, fmt, pad_id), device)
         R, B = batch["num_roles"], batch["batch_size"]
         n = reference_rows(fmt, R) * B
-        logps, _ = scorer(batch["input_ids"][:n], batch["attention_mask"][:n], batch["labels"][:n])
-        rows.append((batch["example_ids"].tolist(), logps.view(-1, B).T.float().cpu()))
+        # Every row goes through the scorer, as in evaluation, even where the loss needs the
+        # reference of only some roles (rdpo's rationale): packed batches of other rows round
+        # differently, and a policy equal to its reference must tie with it exactly.
+        logps, _ = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        rows.append((batch["example_ids"].tolist(), logps[:n].view(-1, B).T.float().cpu()))
     scorer.train(was_training)
     if world_size > 1:
         gathered: list = [None] * world_size

@@ -139,7 +139,7 @@ def test_unsupported_models_keep_the_padded_batch():
 def test_bad_label_named_by_row_and_position():
     ids, mask, labels = _pairs()
     labels[4, 5] = V + 3
-    with pytest.raises(ValueError, match=r"labels\[4, 5\] = 100 is outside"):
+    with pytest.raises(ValueError, match=r"PolicyLogps: labels\[4, 5\] = 100 is outside"):
         PolicyLogps(_llama())(ids, mask, labels)
 
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from fastpref.models.packing import pack_rows, packing_supported
 from fastpref.ops import linear_logprobs, sequence_logprobs
+from fastpref.ops.linear_logprobs import check_labels
 
 __all__ = [
     "LMHead",
@@ -79,16 +80,6 @@ def backbone(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
-def _check_labels(labels: Tensor, vocab: int) -> None:
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        b, t = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"labels[{b}, {t}] = {int(labels[b, t])} is outside the vocabulary [0, {vocab}) "
-            f"and is not {IGNORE_INDEX}"
-        )
-
-
 class PolicyLogps(nn.Module):
     """``forward(input_ids, attention_mask, labels) -> (Σ log p [N], completion tokens [N])``.
 
@@ -121,7 +112,7 @@ class PolicyLogps(nn.Module):
         tokens = (labels != IGNORE_INDEX).sum(-1).float()
         head = lm_head(self.model)
         if self.packing:  # name a bad label by its (row, position) before packing moves it
-            _check_labels(labels, head.weight.shape[0])
+            check_labels(labels, head.weight.shape[0], IGNORE_INDEX, "PolicyLogps")
         packed = pack_rows(input_ids, attention_mask, labels) if self.packing else None
         if packed is None:
             hidden = backbone(self.model)(

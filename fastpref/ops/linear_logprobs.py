@@ -448,6 +448,17 @@ def linear_entropy(
     return _run(hidden, weight, targets, bias, opts)[1]
 
 
+def check_labels(labels: Tensor, vocab: int, ignore_index: int, caller: str) -> None:
+    """ValueError naming the first ``labels[b, t]`` outside ``[0, vocab)`` that is not ignored."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        b, t = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{caller}: labels[{b}, {t}] = {int(labels[b, t])} is outside "
+            f"[0, {vocab}) and is not ignore_index={ignore_index}"
+        )
+
+
 def sequence_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -476,13 +487,7 @@ def sequence_logprobs(
     B, T, D = hidden.shape
     if not torch.compiler.is_compiling():  # name the (b, t) of a bad label; the op rechecks
         V = weight.shape[0] if weight.dim() == 2 else 0
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-        if bool(bad.any()):
-            b, t = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(
-                f"sequence_logprobs: labels[{b}, {t}] = {int(labels[b, t])} is outside "
-                f"[0, {V}) and is not ignore_index={ignore_index}"
-            )
+        check_labels(labels, V, ignore_index, "sequence_logprobs")
     logp = linear_logprobs(
         hidden.reshape(B * T, D), weight, labels.reshape(B * T), bias,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,

@@ -117,20 +117,21 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Pack
     ids_cpu, labels_cpu = input_ids.cpu(), labels.cpu()
     lengths_l = lengths.tolist()
     first = _first_scored(labels_cpu, lengths.cpu())
+    # A row's prompt is ids[: first + 1] (the last prompt token's hidden state scores the first
+    # completion token); the rest of the row is its own suffix.
+    cuts = [min(f + 1, n) for f, n in zip(first, lengths_l, strict=True)]
 
-    # Units: one per distinct prompt; a prompt is ids[: first + 1] (the last prompt token's hidden
-    # state scores the first completion token), the rest of each row is its own suffix.
+    # Units: one per distinct prompt, with the rows that continue it.
     units: dict[tuple[int, ...], list[int]] = {}
     for r in range(N):
         if lengths_l[r] == 0:
             continue
-        cut = min(first[r] + 1, lengths_l[r])
-        key = tuple(ids_cpu[r, :cut].tolist()) if first[r] < lengths_l[r] else ("row", r)
+        key = tuple(ids_cpu[r, : cuts[r]].tolist()) if first[r] < lengths_l[r] else ("row", r)
         units.setdefault(key, []).append(r)  # a row without scored tokens is never shared
-    sizes = {}
-    for key, rows in units.items():
-        cut = min(first[rows[0]] + 1, lengths_l[rows[0]])
-        sizes[key] = cut + sum(lengths_l[r] - cut for r in rows)
+    sizes = {
+        key: cuts[rows[0]] + sum(lengths_l[r] - cuts[rows[0]] for r in rows)
+        for key, rows in units.items()
+    }
 
     bins, L = _bin_pack(sizes)
     rows_n = max(len(bins), 1)
@@ -147,18 +148,20 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Pack
         col = 0
         for key in keys:
             rows = units[key]
-            cut = min(first[rows[0]] + 1, lengths_l[rows[0]])
+            cut = cuts[rows[0]]  # the same for every row of the unit
             base = col
             ids[b, col : col + cut] = ids_cpu[rows[0], :cut]
             pos[b, col : col + cut] = torch.arange(cut)
-            mask[b, 0, col : col + cut, col : col + cut] = torch.ones(cut, cut).tril().bool()
+            mask[b, 0, col : col + cut, col : col + cut] = torch.ones(
+                cut, cut, dtype=torch.bool
+            ).tril()
             col += cut
             for r in rows:
                 n = lengths_l[r] - cut
                 ids[b, col : col + n] = ids_cpu[r, cut : lengths_l[r]]
                 pos[b, col : col + n] = torch.arange(cut, lengths_l[r])
                 mask[b, 0, col : col + n, base : base + cut] = True  # the whole prompt
-                mask[b, 0, col : col + n, col : col + n] = torch.ones(n, n).tril().bool()
+                mask[b, 0, col : col + n, col : col + n] = torch.ones(n, n, dtype=torch.bool).tril()
                 t = (labels_cpu[r, : lengths_l[r]] != IGNORE_INDEX).nonzero()[:, 0]
                 # column of position t: inside the prompt it is base + t, after it col + t - cut
                 column = torch.where(t < cut, base + t, col + t - cut)

@@ -368,9 +368,15 @@ def test_clipped_adamw_equals_clip_then_adamw(fused, max_norm):
     assert not hasattr(ours, "grad_scale")  # nothing left behind for the next step
 
 
+@pytest.mark.parametrize("weight_decay", [0.1, 0.0])
 @pytest.mark.parametrize("max_norm", [0.05, 1e6])
-def test_clipped_adamw_sparse_rows_equal_the_dense_update(max_norm, monkeypatch):
-    """A row-sparse embedding gradient gets exactly the dense AdamW update, block by block."""
+def test_clipped_adamw_sparse_rows_equal_the_dense_update(max_norm, weight_decay, monkeypatch):
+    """A row-sparse embedding gradient gets exactly the dense AdamW update, block by block.
+
+    Rows 9-10 (the last block) first get a gradient at step 2, and without weight decay a block
+    is skipped until then; the state is saved and reloaded halfway (which forgets which blocks
+    were skipped), and every step must still equal dense AdamW's.
+    """
     from fastpref.train.engine import ClippedAdamW
 
     monkeypatch.setattr(ClippedAdamW, "SPARSE_BLOCK", 3 * 4)  # 3 rows a block: several blocks
@@ -380,14 +386,18 @@ def test_clipped_adamw_sparse_rows_equal_the_dense_update(max_norm, monkeypatch)
     dense_emb.load_state_dict(sparse_emb.state_dict())
     lin_a, lin_b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
     lin_b.load_state_dict(lin_a.state_dict())
-    kw = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
+    kw = dict(lr=1e-2, weight_decay=weight_decay, betas=(0.9, 0.95), fused=True)
     ours = ClippedAdamW(
         [*sparse_emb.parameters(), *lin_a.parameters()], max_grad_norm=max_norm, **kw
     )
     theirs = torch.optim.AdamW([*dense_emb.parameters(), *lin_b.parameters()], **kw)
     for step in range(4):
-        ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(step))
+        high = 11 if step >= 2 else 9
+        ids = torch.randint(0, high, (2, 5), generator=torch.Generator().manual_seed(step))
         ids[0, :2] = 7  # a repeated row: its contributions are summed
+        ids[1, 0] = 10 if step >= 2 else 0
+        if step == 3:
+            ours.load_state_dict(ours.state_dict())
         for emb, lin in ((sparse_emb, lin_a), (dense_emb, lin_b)):
             (lin(emb(ids)) ** 2).sum().mul(step + 1).backward()
         assert sparse_emb.weight.grad.is_sparse
@@ -403,6 +413,48 @@ def test_clipped_adamw_sparse_rows_equal_the_dense_update(max_norm, monkeypatch)
                 torch.testing.assert_close(ours.state[a][key], theirs.state[b][key])
         ours.zero_grad()
         theirs.zero_grad()
+
+
+@pytest.mark.parametrize(
+    ("weight_decay", "expected"), [(0.0, [0, 0, 3]), (0.01, [0, 1, 2, 3, 4] * 2)]
+)
+def test_clipped_adamw_skips_blocks_no_gradient_has_reached(weight_decay, expected, monkeypatch):
+    """Without weight decay, a block of embedding rows that no batch has touched is not passed
+    to the fused kernel (its update is exactly zero), and its moments stay exact zeros; with
+    weight decay every block is updated. Steps touch rows {1, 2} (block 0), then {13, 2}
+    (blocks 3 and 0)."""
+    from fastpref.train.engine import ClippedAdamW
+
+    monkeypatch.setattr(ClippedAdamW, "SPARSE_BLOCK", 4 * 3)  # 4 rows a block, 5 blocks
+    emb = torch.nn.Embedding(20, 3, sparse=True)
+    opt = ClippedAdamW(emb.parameters(), max_grad_norm=0.0, lr=1e-2, fused=True,
+                       weight_decay=weight_decay)  # fmt: skip
+    seen: list[int] = []
+    fused = torch._fused_adamw_
+
+    def spy(params, *args, **kw):
+        seen.append((params[0].data_ptr() - emb.weight.data_ptr()) // (4 * 3 * 4))
+        return fused(params, *args, **kw)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", spy)
+    for ids in (torch.tensor([1, 2]), torch.tensor([13, 2])):
+        emb(ids).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert seen == expected
+    if weight_decay == 0.0:
+        assert not opt.state[emb.weight]["exp_avg"][4:12].any()
+
+
+def test_zero_pages_like_is_a_fresh_zero_tensor():
+    from fastpref.train.engine import _zero_pages_like
+
+    bf = torch.zeros(5, 7, dtype=torch.bfloat16)
+    for p in (torch.ones(4, 3), bf, torch.ones(6, 2).t(), torch.ones(0, 3)):
+        z, before = _zero_pages_like(p), p.clone()
+        assert z.shape == p.shape and z.dtype == p.dtype and not z.any()
+        z.add_(1)  # writable, and not aliasing p
+        assert torch.equal(p, before) and bool((z == 1).all())
 
 
 def test_reference_table_rounds_like_the_evaluation_forward():

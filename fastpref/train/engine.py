@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import os
 import socket
 from typing import Any
@@ -42,13 +43,17 @@ class ClippedAdamW(torch.optim.AdamW):
     A sparse gradient is the same update as its dense form: every row's moments decay, rows
     without a gradient see g = 0. It is applied by the same fused kernel on blocks of rows,
     each block's gradient made dense only for that call (a few MiB instead of the whole
-    ``[V, D]`` table). The state (``step``, ``exp_avg``, ``exp_avg_sq``) is AdamW's own, so
-    checkpoints do not care which form a gradient had.
+    ``[V, D]`` table). A block that has never had a gradient row keeps m = v = 0 and, without
+    weight decay, an update of exactly zero, so it is skipped; with the moments on fresh zero
+    pages (``_zero_pages_like``), rows that no batch has touched cost neither time nor memory.
+    The state (``step``, ``exp_avg``, ``exp_avg_sq``) is AdamW's own, so checkpoints do not care
+    which form a gradient had.
     """
 
     SPARSE_BLOCK = 1 << 20  # elements of one dense block of a sparse gradient (4 MiB fp32)
 
     def __init__(self, params, *, max_grad_norm: float, **kwargs) -> None:
+        self._untouched: dict[torch.Tensor, set[int]] = {}
         super().__init__(params, **kwargs)
         self.max_grad_norm = max_grad_norm
         self._global_grad_norm: torch.Tensor | None = None
@@ -63,9 +68,20 @@ class ClippedAdamW(torch.optim.AdamW):
         state = self.state[p]
         if not state:  # AdamW's own layout (fused: a float32 step on the parameter's device)
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = _zero_pages_like(p)
+            state["exp_avg_sq"] = _zero_pages_like(p)
+            self._untouched[p] = set(range(self._blocks(p)))  # rows whose state is still 0
         return state
+
+    def _blocks(self, p: torch.Tensor) -> int:
+        return -(-p.shape[0] // self._block_rows(p)) if p.dim() else 1
+
+    def _block_rows(self, p: torch.Tensor) -> int:
+        return max(1, self.SPARSE_BLOCK // max(1, p[0].numel())) if p.dim() else 1
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._untouched.clear()  # a loaded state may be non-zero anywhere
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -79,8 +95,11 @@ class ClippedAdamW(torch.optim.AdamW):
             self._global_grad_norm = norm
             if self.max_grad_norm > 0:
                 coef = min(1.0, self.max_grad_norm / (float(norm) + 1e-6))
-        for p in sparse:
-            p.grad = None  # the dense step below skips parameters without a gradient
+        for p in params:
+            if p in sparse:
+                p.grad = None  # the dense step below skips parameters without a gradient
+            else:
+                self._untouched.pop(p, None)  # the dense step writes all of its state
         try:
             dense = [g for p, g in zip(params, grads, strict=True) if p not in sparse]
             loss = self._dense_step(closure, dense, coef)
@@ -117,14 +136,22 @@ class ClippedAdamW(torch.optim.AdamW):
         if coef < 1.0:
             values = values * coef
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        block = max(1, self.SPARSE_BLOCK // max(1, p[0].numel()))
+        block = self._block_rows(p)
         bounds = torch.searchsorted(
             rows, torch.arange(0, p.shape[0] + block, block, device=p.device)
-        )
+        ).tolist()
+        # A block that has never had a gradient row has m = v = 0, so without weight decay its
+        # update is exactly zero: skipping it changes nothing and leaves its pages untouched
+        # (rows no batch uses then cost no memory: see _zero_pages_like).
+        untouched, skip = self._untouched.get(p, set()), group["weight_decay"] == 0
         for i, r0 in enumerate(range(0, p.shape[0], block)):
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                untouched.discard(i)
+            elif skip and i in untouched:
+                continue
             r1 = min(p.shape[0], r0 + block)
             dense = p.new_zeros((r1 - r0, *p.shape[1:]))
-            lo, hi = int(bounds[i]), int(bounds[i + 1])
             if hi > lo:
                 dense.index_copy_(0, rows[lo:hi] - r0, values[lo:hi])
             args = ([p[r0:r1]], [dense], [m[r0:r1]], [v[r0:r1]], [], [state["step"]])
@@ -132,6 +159,19 @@ class ClippedAdamW(torch.optim.AdamW):
                       weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
                       maximize=False)  # fmt: skip
             torch._fused_adamw_(*args, **kw)
+
+
+def _zero_pages_like(p: torch.Tensor) -> torch.Tensor:
+    """``torch.zeros_like(p)``; on the CPU from a fresh anonymous mapping, whose pages the kernel
+    supplies (zeroed) only when first written, so state that stays zero takes no memory.
+
+    ``torch.zeros`` writes every byte up front; the optimizer state of an embedding whose rows
+    mostly never meet a batch would then be resident in full for nothing.
+    """
+    if p.device.type != "cpu" or not p.is_contiguous() or p.numel() == 0:
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+    buf = mmap.mmap(-1, p.numel() * p.element_size(), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buf, dtype=p.dtype).view(p.shape)  # the tensor keeps buf alive
 
 
 def _free_port() -> int:

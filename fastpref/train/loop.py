@@ -406,6 +406,10 @@ def train(cfg: TrainConfig) -> dict:
         after = run_eval(total_steps)
 
     # ---------------------------------------------------------------- final save
+    if isinstance(engine.optimizer, torch.optim.Optimizer):
+        # Training is over: the moments (2x the model) go before saving reads every weight and
+        # the plot loads matplotlib, so the run's last acts do not set its peak memory.
+        engine.optimizer.state.clear()
     final_dir = out_dir / "model"
     hf_model = engine.module.model
     if cfg.zero_stage == 3:
@@ -417,10 +421,6 @@ def train(cfg: TrainConfig) -> dict:
         hf_model.save_pretrained(final_dir)
     if is_main:
         tokenizer.save_pretrained(final_dir)
-    if isinstance(engine.optimizer, torch.optim.Optimizer):
-        # Training is over and the weights are saved: the moments (2x the model) go before
-        # the plot loads matplotlib, so the run's last act does not set its peak memory.
-        engine.optimizer.state.clear()
     summary = {
         "loss": spec.name,
         "steps": total_steps,

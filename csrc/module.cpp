@@ -7,6 +7,10 @@
 
 TORCH_LIBRARY(fastpref_C, m) {}
 
+namespace fastpref {
+std::string cpu_fp32_gemm();  // csrc/cpu/linear_logprobs.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastpref native kernels (registered as torch.ops.fastpref_C.*)";
 #ifdef FASTPREF_WITH_CUDA
@@ -14,4 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.def("cpu_fp32_gemm", &fastpref::cpu_fp32_gemm,
+        "Library behind the CPU kernels' float32 GEMMs: 'onednn', or 'mkl' (ATen's mm) where "
+        "this torch exports no oneDNN matmul or FASTPREF_CPU_GEMM=mkl is set");
 }

@@ -226,6 +226,41 @@ def test_missing_native_build_falls_back_to_chunked_with_one_warning(monkeypatch
         fastpref.linear_logprobs(h, w, t)  # one warning per process, not per call
 
 
+def _fwd_bwd_cpu(h, w, t, b):
+    """logp and entropy of the C++ kernel and the gradients of a mix of both."""
+    h, w, b = (x.detach().clone().requires_grad_(True) for x in (h, w, b))
+    logp = fastpref.linear_logprobs(h, w, t, b, softcap=30.0, backend="cpu")
+    ent = fastpref.linear_entropy(h, w, t, b, softcap=30.0, backend="cpu")
+    (logp.sum() + 0.3 * ent.sum()).backward()
+    return [logp, ent, h.grad, w.grad, b.grad]
+
+
+@pytest.mark.parametrize(
+    ("N", "dtype"),
+    # 37 and 600 rows: a padded last row block alone and after a full 512-row fp32 block;
+    # 1100: after a full 1024-row bf16 block
+    [(37, torch.float32), (600, torch.float32), (1100, torch.bfloat16)],
+)
+def test_cpu_gemm_libraries_agree(N, dtype, monkeypatch):
+    """The fp32 tile GEMMs run in oneDNN (rows padded to a multiple of 64) or, with
+    FASTPREF_CPU_GEMM=mkl, in ATen's mm: both give the same values and gradients, and the
+    oneDNN path is reproducible bit for bit. (bf16 goes to oneDNN through ATen either way: its
+    case checks the padded 1100-row run against itself; test_linear_logprobs checks its values.)"""
+    h, w, t = small(N=N, D=48, V=203, seed=1)
+    b = torch.randn(203, generator=torch.Generator().manual_seed(2))
+    h, w, b = h.to(dtype), w.to(dtype), b.to(dtype)
+    t[::5] = -100
+    assert _native._C.cpu_fp32_gemm() == "onednn"  # torch 2.13 exports ATen's oneDNN matmul
+    ours = _fwd_bwd_cpu(h, w, t, b)
+    assert all(torch.equal(x, y) for x, y in zip(ours, _fwd_bwd_cpu(h, w, t, b), strict=True))
+    monkeypatch.setenv("FASTPREF_CPU_GEMM", "mkl")
+    assert _native._C.cpu_fp32_gemm() == "mkl"
+    mkl = _fwd_bwd_cpu(h, w, t, b)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for x, y in zip(ours, mkl, strict=True):
+        torch.testing.assert_close(x.float(), y.float(), **tol)
+
+
 def test_unknown_backend_is_an_error():
     h, w, t = small()
     with pytest.raises(ValueError, match="cuda"):

@@ -12,8 +12,8 @@
 // How it is tiled
 //   The vocabulary is cut into tiles of VT columns and the tiles into one contiguous range per
 //   thread (at::parallel_for, one task per thread). A task loops over its vocab tiles and, inside,
-//   over blocks of NB rows; each (row block, vocab tile) pair costs one GEMM through ATen
-//   (MKL sgemm for fp32, oneDNN for bf16) into a reused [NB, VT] buffer, followed by a vectorised
+//   over blocks of NB rows; each (row block, vocab tile) pair costs one GEMM (oneDNN for fp32
+//   and bf16, see Gemm below) into a reused [NB, VT] buffer, followed by a vectorised
 //   epilogue (at::vec::Vectorized) over that buffer while it is still in cache. In the backward
 //   the one recomputed tile of G feeds both dH_rows += G @ W_tile and dW_tile += G.T @ H_rows.
 //   A task owns its vocab range, so dW and db need no synchronisation; dH is summed over the
@@ -36,7 +36,8 @@
 // Memory bound (beyond inputs and outputs)
 //   per task: one [NB, VT] fp32 logits tile (fp32: 512 x 256; bf16: 1024 x 512, plus bf16
 //   copies), for bf16 with more than NB rows a [VT, D] fp32 dW accumulator, an [N, D] fp32 dH
-//   partial (all but the first task for fp32; all for bf16) and 3 x N fp32 of row state:
+//   partial (all but the first task for unpadded fp32; all for bf16) and 3 x N fp32 of row
+//   state; where the GEMMs go to oneDNN, a copy of H padded by < 64 zero rows (see Gemm):
 //   O(tile + N * D), never O(N * V).
 
 // ATen's Vectorized<T> is only the real SIMD type when CPU_CAPABILITY_AVX2/AVX512 is defined
@@ -61,7 +62,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -97,6 +100,65 @@ struct DenormalsAreZero {
   DenormalsAreZero() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }
   ~DenormalsAreZero() { _mm_setcsr(saved); }
 #endif
+};
+
+}  // namespace
+}  // namespace fastpref
+
+// ATen's oneDNN matmul (result = beta * result + alpha * mat1 @ mat2 on strided tensors). It is
+// exported by libtorch_cpu but has no installed header, so it is declared here, weak: against a
+// torch that lacks it the address is null and the kernel keeps ATen's own mm (see Gemm).
+namespace at::native {
+__attribute__((weak)) void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2,
+                                         const Tensor& result, float beta, float alpha);
+}  // namespace at::native
+
+namespace fastpref {
+namespace {
+
+// Which library runs the fp32 tile GEMMs. ATen's fp32 mm is MKL's sgemm, and MKL takes its
+// AVX2 kernels on AMD processors: 190-215 GFLOP/s on the 2-core Zen 5 we measure on, against
+// 370-450 GFLOP/s for oneDNN's AVX-512 brgemm on the same tiles, in full fp32 (no bf16 or
+// tf32 shortcuts). bf16 mm already goes to oneDNN inside ATen; float64 stays with MKL.
+// FASTPREF_CPU_GEMM=mkl forces ATen's mm for fp32 too (read once per kernel call).
+struct Gemm {
+  bool onednn;
+  int64_t pad;  // rows of the last row block are padded to a multiple of this (see rows_for)
+  explicit Gemm(at::ScalarType dtype) {
+    const char* env = std::getenv("FASTPREF_CPU_GEMM");
+    const bool forced_mkl = env != nullptr && std::string(env) == "mkl";
+    onednn = dtype == at::kFloat && !forced_mkl && &at::native::mkldnn_matmul != nullptr &&
+             at::hasMKLDNN();
+    // oneDNN builds and caches a primitive (~1 MB) for every GEMM shape it meets, and the rows
+    // of the last row block change with every batch: one shape per batch would grow the cache
+    // by ~1 MB a step. Padded with zero rows to a multiple of 64, a run meets a handful of
+    // shapes (at most 8 row counts) for at most 63 rows of extra work. ATen sends bf16 to
+    // oneDNN too; MKL's sgemm/dgemm keep no such state and are left unpadded.
+    pad = (onednn || dtype == at::kBFloat16) ? 64 : 1;
+  }
+  // Total rows once the last of the NB-row blocks is padded.
+  int64_t rows_for(int64_t N, int64_t NB) const {
+    const int64_t full = N / NB * NB, rest = N - full;
+    return full + (rest + pad - 1) / pad * pad;
+  }
+  // H with zero rows appended up to Np (H itself when nothing is padded).
+  static at::Tensor padded(const at::Tensor& H, int64_t Np) {
+    if (Np == H.size(0)) return H;
+    at::Tensor out = at::zeros({Np, H.size(1)}, H.options());
+    out.narrow(0, 0, H.size(0)).copy_(H);
+    return out;
+  }
+  // out = a @ b, or out += a @ b when accumulate
+  void operator()(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                  bool accumulate = false) const {
+    if (onednn) {
+      at::native::mkldnn_matmul(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
+    } else if (accumulate) {
+      out.addmm_(a, b);
+    } else {
+      at::mm_out(out, a, b);
+    }
+  }
 };
 
 template <typename acc_t>
@@ -345,10 +407,13 @@ void forward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tg
   const int64_t* t = tgt.const_data_ptr<int64_t>();
   const acc_t* b = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
   acc_t* tf = tgt_f.data_ptr<acc_t>();
+  const Gemm gemm(H.scalar_type());
+  const int64_t Np = gemm.rows_for(N, kRowBlock);
+  const at::Tensor Hp = Gemm::padded(H, Np);  // [Np, D], rows >= N zero
 
   at::parallel_for(0, P, 1, [&](int64_t task_begin, int64_t task_end) {
     DenormalsAreZero daz;
-    const int64_t tile_elems = std::min(kRowBlock, N) * std::min(kVocabTile, V);
+    const int64_t tile_elems = std::min(kRowBlock, Np) * std::min(kVocabTile, V);
     at::Tensor zt = at::empty({tile_elems}, H.options());
     at::Tensor zacc = std::is_same_v<scalar_t, acc_t> ? zt : at::empty({tile_elems}, acc_opts);
     for (int64_t task = task_begin; task < task_end; ++task) {
@@ -360,9 +425,9 @@ void forward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tg
         const int64_t v0 = tile * kVocabTile, vt = std::min(kVocabTile, V - v0);
         at::Tensor w_tile = W.narrow(0, v0, vt);
         for (int64_t r0 = 0; r0 < N; r0 += kRowBlock) {
-          const int64_t nb = std::min(kRowBlock, N - r0);
-          at::Tensor z = zt.narrow(0, 0, nb * vt).view({nb, vt});
-          at::mm_out(z, H.narrow(0, r0, nb), w_tile.t());  // [nb, vt]
+          const int64_t nb = std::min(kRowBlock, N - r0), nbp = std::min(kRowBlock, Np - r0);
+          at::Tensor z = zt.narrow(0, 0, nbp * vt).view({nbp, vt});
+          gemm(z, Hp.narrow(0, r0, nbp), w_tile.t());  // [nbp, vt]; rows >= nb are padding
           acc_t* za = const_cast<acc_t*>(tile_as_acc<scalar_t, acc_t>(z, zacc, nb * vt));
           for (int64_t i = 0; i < nb; ++i) {
             const int64_t r = r0 + i;
@@ -418,14 +483,18 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
   const auto acc_opts = H.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const bool need_h = dH.defined(), need_w = dW.defined(), need_b = db.defined();
   const bool entropy = g_ent.defined();
-  // dH partials: task 0 writes straight into dH when it is already acc_t.
+  const Gemm gemm(H.scalar_type());
+  const int64_t Np = gemm.rows_for(N, kRowBlock);
+  const at::Tensor Hp = Gemm::padded(H, Np);  // [Np, D], rows >= N zero
+  // dH partials ([Np, D] each): task 0 writes straight into dH when it is acc_t and unpadded.
+  const bool in_place = same && Np == N;
   at::Tensor dh_part;
-  if (need_h) dh_part = at::zeros({same ? P - 1 : P, N, D}, acc_opts);
+  if (need_h) dh_part = at::zeros({in_place ? P - 1 : P, Np, D}, acc_opts);
   auto dh_of = [&](int64_t task) -> at::Tensor {
-    if (same) return task == 0 ? dH : dh_part[task - 1];
+    if (in_place) return task == 0 ? dH : dh_part[task - 1];
     return dh_part[task];
   };
-  if (need_h && same) dH.zero_();
+  if (need_h && in_place) dH.zero_();
   const int64_t* t = tgt.const_data_ptr<int64_t>();
   const acc_t* b = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
   const acc_t* gl = g_logp.defined() ? g_logp.const_data_ptr<acc_t>() : nullptr;
@@ -437,7 +506,7 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
 
   at::parallel_for(0, P, 1, [&](int64_t task_begin, int64_t task_end) {
     DenormalsAreZero daz;
-    const int64_t tile_elems = std::min(kRowBlock, N) * std::min(kVocabTile, V);
+    const int64_t tile_elems = std::min(kRowBlock, Np) * std::min(kVocabTile, V);
     at::Tensor zt = at::empty({tile_elems}, H.options());
     at::Tensor zacc = same ? zt : at::empty({tile_elems}, acc_opts);
     at::Tensor gt = same ? zt : at::empty({tile_elems}, H.options());
@@ -447,7 +516,7 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
       dw_acc = at::empty({std::min(kVocabTile, V), D}, acc_opts);
       dw_tmp = at::empty({std::min(kVocabTile, V), D}, H.options());
     }
-    if (!same && need_h) dh_tmp = at::empty({std::min(kRowBlock, N), D}, H.options());
+    if (!same && need_h) dh_tmp = at::empty({std::min(kRowBlock, Np), D}, H.options());
     for (int64_t task = task_begin; task < task_end; ++task) {
       at::Tensor dh = need_h ? dh_of(task) : at::Tensor();
       for (int64_t tile = plan.tile_begin(task); tile < plan.tile_begin(task + 1); ++tile) {
@@ -455,13 +524,15 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
         at::Tensor w_tile = W.narrow(0, v0, vt);
         at::Tensor dw_tile = need_w ? dW.narrow(0, v0, vt) : at::Tensor();
         for (int64_t r0 = 0; r0 < N; r0 += kRowBlock) {
-          const int64_t nb = std::min(kRowBlock, N - r0);
-          at::Tensor h_blk = H.narrow(0, r0, nb);
-          at::Tensor z = zt.narrow(0, 0, nb * vt).view({nb, vt});
-          at::mm_out(z, h_blk, w_tile.t());  // recompute the logits tile
+          const int64_t nb = std::min(kRowBlock, N - r0), nbp = std::min(kRowBlock, Np - r0);
+          at::Tensor h_blk = Hp.narrow(0, r0, nbp);
+          at::Tensor z = zt.narrow(0, 0, nbp * vt).view({nbp, vt});
+          gemm(z, h_blk, w_tile.t());  // recompute the logits tile
           const acc_t* za = tile_as_acc<scalar_t, acc_t>(z, zacc, nb * vt);
-          at::Tensor g = gt.narrow(0, 0, nb * vt).view({nb, vt});
+          at::Tensor g = gt.narrow(0, 0, nbp * vt).view({nbp, vt});
           scalar_t* gp = g.data_ptr<scalar_t>();
+          // padding rows: zero gradient, so they add nothing to dW (their dH rows are dropped)
+          std::fill(gp + nb * vt, gp + nbp * vt, scalar_t(0));
           for (int64_t i = 0; i < nb; ++i) {
             const int64_t r = r0 + i;
             const int64_t c = t[r] - v0;
@@ -473,22 +544,18 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
                                       gp + i * vt, dbp ? dbp + v0 : nullptr, scratch.data());
           }
           if (need_h) {
-            at::Tensor dh_blk = dh.narrow(0, r0, nb);
+            at::Tensor dh_blk = dh.narrow(0, r0, nbp);
             if constexpr (same) {
-              dh_blk.addmm_(g, w_tile);  // [nb, D] += [nb, vt] @ [vt, D]
+              gemm(dh_blk, g, w_tile, /*accumulate=*/true);  // [nbp, D] += [nbp, vt] @ [vt, D]
             } else {
-              at::Tensor tmp = dh_tmp.narrow(0, 0, nb);
+              at::Tensor tmp = dh_tmp.narrow(0, 0, nbp);
               at::mm_out(tmp, g, w_tile);
               dh_blk.add_(tmp);  // fp32 accumulation of the bf16 tile product
             }
           }
           if (need_w) {
             if constexpr (same) {
-              if (r0 == 0) {
-                at::mm_out(dw_tile, g.t(), h_blk);  // [vt, D] = [vt, nb] @ [nb, D]
-              } else {
-                dw_tile.addmm_(g.t(), h_blk);
-              }
+              gemm(dw_tile, g.t(), h_blk, /*accumulate=*/r0 > 0);  // [vt, D] = [vt, nbp] @ [nbp, D]
             } else if (!multi_block) {
               at::mm_out(dw_tile, g.t(), h_blk);  // one GEMM, fp32 inside, one rounding
             } else {
@@ -514,17 +581,23 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
     // sum the partials in task order, rows in parallel
     at::parallel_for(0, N, 64, [&](int64_t r_begin, int64_t r_end) {
       const int64_t nr = r_end - r_begin;
-      if constexpr (same) {
+      if (in_place) {
         at::Tensor out = dH.narrow(0, r_begin, nr);
         for (int64_t p = 0; p + 1 < P; ++p) out.add_(dh_part[p].narrow(0, r_begin, nr));
       } else {
         at::Tensor sum = dh_part[0].narrow(0, r_begin, nr).clone();
         for (int64_t p = 1; p < P; ++p) sum.add_(dh_part[p].narrow(0, r_begin, nr));
-        dH.narrow(0, r_begin, nr).copy_(sum);
+        dH.narrow(0, r_begin, nr).copy_(sum);  // (rows >= N, the padding, are dropped)
       }
     });
   }
 }
+
+}  // namespace
+
+std::string cpu_fp32_gemm() { return Gemm(at::kFloat).onednn ? "onednn" : "mkl"; }
+
+namespace {
 
 std::optional<at::Tensor> opt(const at::Tensor& x) {
   return x.defined() ? std::optional<at::Tensor>(x) : std::nullopt;

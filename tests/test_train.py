@@ -150,8 +150,12 @@ def test_grad_accumulation_equals_one_large_batch(assets, tmp_path):
         assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-3)
     w1 = load_file(tmp_path / "a" / "model" / "model.safetensors")
     w2 = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    # AdamW moves each weight by up to ~lr (5e-3) a step whatever its gradient's size, so an
+    # element whose gradient is at rounding level, where the two batchings round differently,
+    # may move by a visible fraction of lr: weights agree to 1% of one step. (A lost or doubled
+    # micro-batch changes directions by O(lr); its gradient norm is checked above.)
     for name in w1:
-        torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-2 * 5e-3)
 
 
 @pytest.mark.slow

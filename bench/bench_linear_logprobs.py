@@ -7,7 +7,8 @@ Contenders (each does forward + backward for a random upstream gradient):
              trainers write it.
   compiled   ``torch.compile`` of the chunked PyTorch backend (fwd and bwd, on the kept rows).
   floor      the four GEMMs of a recomputing design with ``torch.mm`` on the kept rows: logits,
-             recomputed logits, dH = G @ W, dW = G.T @ H.
+             recomputed logits, dH = G @ W, dW = G.T @ H (ATen's GEMMs: MKL for fp32, oneDNN
+             for bf16; the kernel runs fp32 in oneDNN too, see bench/README.md).
 
 Time: best of ``ROUNDS`` after a warm-up, all contenders of a case timed round-robin in the same
 process so machine noise hits them alike; ratios are taken within the run.

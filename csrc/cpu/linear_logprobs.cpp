@@ -130,8 +130,8 @@ struct Gemm {
     onednn = dtype == at::kFloat && !forced_mkl && &at::native::mkldnn_matmul != nullptr &&
              at::hasMKLDNN();
     // oneDNN builds and caches a primitive (~1 MB) for every GEMM shape it meets, and the rows
-    // of the last row block change with every batch: one shape per batch would grow the cache
-    // by ~1 MB a step. Padded with zero rows to a multiple of 64, a run meets a handful of
+    // of the last row block change with every batch: new shapes every batch would grow the
+    // cache by 2-3 MB a step. Padded with zero rows to a multiple of 64, a run meets a handful of
     // shapes (at most 8 row counts) for at most 63 rows of extra work. ATen sends bf16 to
     // oneDNN too; MKL's sgemm/dgemm keep no such state and are left unpadded.
     pad = (onednn || dtype == at::kBFloat16) ? 64 : 1;

@@ -262,6 +262,18 @@ def test_cpu_gemm_libraries_agree(N, dtype, monkeypatch):
         torch.testing.assert_close(x.float(), y.float(), **tol)
 
 
+@pytest.mark.parametrize("value", ["MKL", "blas", " mkl"])
+def test_cpu_gemm_env_var_rejects_unknown_values(value, monkeypatch):
+    monkeypatch.setenv("FASTPREF_CPU_GEMM", value)
+    h, w, t = small()
+    with pytest.raises(RuntimeError, match=r"FASTPREF_CPU_GEMM must be 'onednn' or 'mkl'"):
+        fastpref.linear_logprobs(h, w, t, backend="cpu")
+    monkeypatch.setenv("FASTPREF_CPU_GEMM", "mkl")  # a valid value runs
+    torch.testing.assert_close(
+        fastpref.linear_logprobs(h, w, t, backend="cpu"), linear_logprobs_reference(h, w, t)
+    )
+
+
 _SHAPE_CACHE_CHECK = textwrap.dedent(
     """
     import ctypes, gc, sys, torch, fastpref

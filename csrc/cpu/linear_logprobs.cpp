@@ -120,15 +120,21 @@ namespace {
 // AVX2 kernels on AMD processors: 190-215 GFLOP/s on the 2-core Zen 5 we measure on, against
 // 370-450 GFLOP/s for oneDNN's AVX-512 brgemm on the same tiles, in full fp32 (no bf16 or
 // tf32 shortcuts). bf16 mm already goes to oneDNN inside ATen; float64 stays with MKL.
-// FASTPREF_CPU_GEMM=mkl forces ATen's mm for fp32 too (read once per kernel call).
+// FASTPREF_CPU_GEMM=mkl forces ATen's mm for fp32 too, =onednn insists on oneDNN (unset: oneDNN
+// where available); read once per kernel call.
 struct Gemm {
   bool onednn;
   int64_t pad;  // rows of the last row block are padded to a multiple of this (see rows_for)
   explicit Gemm(at::ScalarType dtype) {
     const char* env = std::getenv("FASTPREF_CPU_GEMM");
-    const bool forced_mkl = env != nullptr && std::string(env) == "mkl";
-    onednn = dtype == at::kFloat && !forced_mkl && &at::native::mkldnn_matmul != nullptr &&
-             at::hasMKLDNN();
+    const std::string choice = env == nullptr ? "" : env;
+    TORCH_CHECK(choice.empty() || choice == "mkl" || choice == "onednn",
+                "FASTPREF_CPU_GEMM must be 'onednn' or 'mkl' (or unset), got '", choice, "'");
+    const bool available = &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN();
+    TORCH_CHECK(choice != "onednn" || available,
+                "FASTPREF_CPU_GEMM=onednn, but this torch exports no at::native::mkldnn_matmul "
+                "(or was built without oneDNN); unset it to use ATen's mm");
+    onednn = dtype == at::kFloat && choice != "mkl" && available;
     // oneDNN builds and caches a primitive (~1 MB) for every GEMM shape it meets, and the rows
     // of the last row block change with every batch: new shapes every batch would grow the
     // cache by 2-3 MB a step. Padded with zero rows to a multiple of 64, a run meets a handful of

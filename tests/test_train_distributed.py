@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -123,23 +122,40 @@ def test_two_processes_match_one_process(assets, tmp_path, one_process, stage):
     assert not torch.allclose(w2["lm_head.weight"], initial["lm_head.weight"])
 
 
+# The killed run SIGKILLs itself the moment its step-3 record is written: after the step-2
+# checkpoint, before the step-4 one. (A test that polled the log and then sent the signal raced
+# the run: a fast machine finished all six steps and the last checkpoint before the kill landed.)
+_KILLED_AT_STEP_3 = """
+import os, signal, sys
+from fastpref.cli.train import main
+from fastpref.train.runlog import RunLog
+write = RunLog.write
+def write_then_die(self, record):
+    write(self, record)
+    if record.get("step") == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+RunLog.write = write_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_resume_after_kill_reproduces_uninterrupted_losses(assets, tmp_path, one_process):
     steps = 6  # as one_process, which is the uninterrupted run (checkpointing changes nothing)
     argv = _args(assets, tmp_path, "killed", *ONE, "--save-every", "2")
-    proc = _launch(argv)
-    log = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and any(r["step"] >= 3 for r in _steps(tmp_path / "killed")):
-            break  # the step-2 checkpoint is complete and the run is mid-way
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_AT_STEP_3, *argv],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-4000:]
+    assert [r["step"] for r in _steps(tmp_path / "killed")] == [1, 2, 3]
     tag = latest_checkpoint(tmp_path / "killed" / "checkpoints")
     assert tag is not None
     killed_at = int(tag.split("_")[1])
-    assert 2 <= killed_at < steps
+    assert killed_at == 2
     out = _finish(_launch(argv + ["--resume"]))
     assert f"at step {killed_at}" in out
     expected = [(r["step"], r["loss"]) for r in _steps(one_process)]

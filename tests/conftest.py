@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from fastpref.data import FORMATS, bundled_tokenizer_path, default_data
+from fastpref.families.lm_formats import FORMATS, default_data
+from fastpref.paths import bundled_tokenizer_path
 
 
 @pytest.fixture(scope="session")

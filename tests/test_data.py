@@ -1,4 +1,5 @@
-"""fastpref.data: loading and validating rows, tokenisation, collation, the bundled assets.
+"""fastpref.data and the LM family's formats: loading and validating rows, tokenisation,
+collation, the bundled assets.
 
 Small hand-written rows are used wherever an exact expected value is checked; the bundled
 files are loaded whole once (they are small) to check that every format works out of the box.
@@ -15,19 +16,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig
 
-from fastpref.data import (
+from fastpref.data import DataError, split_rows
+from fastpref.families.lm_formats import (
     FORMATS,
     RATIONALE_TEMPLATE,
     ROLES,
-    DataError,
-    bundled_model_config_path,
-    bundled_tokenizer_path,
     collate,
     default_data,
     load_rows,
-    split_rows,
     tokenize_rows,
 )
+from fastpref.paths import bundled_model_config_path, bundled_tokenizer_path
 
 ROWS = {
     "pair": [

@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastpref.families import OBJECTIVES as LOSSES
 from fastpref.losses import (
-    LOSSES,
     KTOLogps,
     PairLogps,
     RewardScores,

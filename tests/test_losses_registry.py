@@ -1,4 +1,5 @@
-"""The loss registry, LossMetrics, input validation, and KTO's cross-process reference point."""
+"""The --loss registry (fastpref.families), LossMetrics, input validation, and KTO's
+cross-process reference point."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import math
 import pytest
 import torch
 
+from fastpref.families import OBJECTIVES as LOSSES
+from fastpref.families import get_objective as get_loss
 from fastpref.losses import (
-    LOSSES,
     KTOLogps,
     ListLogps,
     LossMetrics,
@@ -18,7 +20,6 @@ from fastpref.losses import (
     RankPOScores,
     RewardScores,
     SFTLogps,
-    get_loss,
     kto_reference_point,
     ranknet_loss,
     rankpo,
@@ -28,7 +29,6 @@ from fastpref.losses import (
 # the documented contract the trainer codes against; a change here is a change of the CLI.
 EXPECTED = {
     "sft": (SFTLogps, "sft", False, {}),
-    "rm": (RewardScores, "pair", False, {"center_rewards_coefficient": 0.0}),
     "dpo": (PairLogps, "pair", True, {"beta": 0.1}),
     "cdpo": (PairLogps, "pair", True, {"beta": 0.1, "label_smoothing": 0.1}),
     "robust": (PairLogps, "pair", True, {"beta": 0.1, "label_smoothing": 0.1}),
@@ -56,6 +56,7 @@ EXPECTED = {
     ),
     "rorpo": (PairLogps, "pair_rationale", False, {"beta": 0.1, "gamma": 1.0}),
     "lipo": (ListLogps, "list", True, {"beta": 0.1}),
+    "rm": (RewardScores, "pair", False, {"center_rewards_coefficient": 0.0}),
 }
 
 
@@ -98,7 +99,7 @@ def test_spec_matches_contract(name):
     cls, data_format, needs_reference, hparams = EXPECTED[name]
     spec = get_loss(name)
     assert spec.name == name and spec.inputs is cls
-    assert spec.data_format == data_format
+    assert spec.fmt == data_format
     assert spec.needs_reference is needs_reference
     assert spec.hparams() == hparams
 
@@ -121,7 +122,7 @@ def test_every_loss_runs_with_its_defaults(name):
     assert isinstance(metrics, LossMetrics)
     values = metrics.as_dict()
     assert values and all(not v.requires_grad and v.shape == () for v in values.values())
-    if spec.data_format in ("pair", "pair_rationale", "list"):
+    if spec.fmt in ("pair", "pair_rationale", "list"):
         assert {"rewards/chosen", "rewards/rejected", "rewards/margins"} <= values.keys()
 
 

@@ -146,7 +146,7 @@ def test_bad_label_named_by_row_and_position():
 def test_trainer_batch_matches_padded_on_bundled_data(assets):
     from transformers import AutoTokenizer
 
-    from fastpref.data import collate, load_rows, tokenize_rows
+    from fastpref.families.lm_formats import collate, load_rows, tokenize_rows
 
     tok = AutoTokenizer.from_pretrained(str(assets / "model"))
     model = LlamaForCausalLM.from_pretrained(assets / "model", attn_implementation="sdpa")

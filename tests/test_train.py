@@ -19,12 +19,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastpref.cli.train import main
-from fastpref.data import default_data
-from fastpref.losses import LOSSES
+from fastpref.families import FAMILIES
+from fastpref.families import OBJECTIVES as LOSSES
+from fastpref.families.lm_formats import default_data
 from fastpref.train import ConfigError, build_parser, parse_config, train
 from fastpref.train.config import TrainConfig
 
-FORMATS = {spec.data_format for spec in LOSSES.values()}
+FORMATS = {spec.fmt for spec in LOSSES.values()}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,7 +40,7 @@ def _own_process_group():
 
 
 def _args(assets, tmp_path, loss, *extra, steps=4):
-    fmt = LOSSES[loss].data_format
+    fmt = LOSSES[loss].fmt
     return [
         "--loss",
         loss,
@@ -208,10 +209,10 @@ def test_deepspeed_options_and_eval_split(assets, tmp_path, options):
 
 
 def test_reference_free_loss_loads_no_reference(assets, tmp_path, monkeypatch):
-    import fastpref.train.loop as loop
+    import fastpref.train.reference as reference
 
     calls = []
-    monkeypatch.setattr(loop, "compute_reference_table", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(reference, "compute_reference_table", lambda *a, **k: calls.append(1))
     summary, _, _ = _run(_args(assets, tmp_path, "orpo", steps=1))
     assert calls == [] and summary["reference_cache_hit"] is None
 
@@ -234,12 +235,15 @@ def test_config_file_then_flags(tmp_path):
 
 def test_help_lists_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
-        build_parser(list(LOSSES)).parse_args(["--help"])
+        build_parser().parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for name, f in TrainConfig.__dataclass_fields__.items():
         assert "--" + name.rstrip("_").replace("_", "-") in text
         assert f"(default: {f.default})" in text
-    assert "losses: " + ", ".join(LOSSES) in text
+    for family in FAMILIES:  # grouped by family, every --loss listed once
+        assert f"{family.name} ({family.summary}): " + ", ".join(
+            o.name for o in family.objectives
+        ) in " ".join(text.split())
 
 
 def _cli_error(capsys, argv) -> str:
@@ -293,18 +297,18 @@ def test_existing_checkpoints_are_never_overwritten(assets, tmp_path, capsys):
 
 def test_preference_accuracy_definitions_by_hand():
     """Hand-worked accuracies: ties count ½; lipo counts ordered pairs; kto is an AUC."""
-    from fastpref.train.step import Task, accuracy_parts, kto_auc
+    from fastpref.families.lm_preference import accuracy_parts, kto_auc
 
-    dpo = Task(spec=LOSSES["dpo"], hparams={}, fmt="pair", pad_id=0)
+    dpo = LOSSES["dpo"]
     values = torch.tensor([[-1.0, -2.0, -3.0], [-2.0, -2.0, -1.0]])  # [R=2 (chosen, rejected), B=3]
     ref = torch.zeros(2, 3)
     # rewards chosen − rejected = 1, 0, −2 -> 1 + ½ + 0 over 3 pairs
     assert accuracy_parts(dpo, {}, values, torch.ones(2, 3), ref)[:2] == (1.5, 3.0)
-    simpo = Task(spec=LOSSES["simpo"], hparams={}, fmt="pair", pad_id=0)
+    simpo = LOSSES["simpo"]
     tokens = torch.tensor([[1.0, 4.0, 1.0], [4.0, 1.0, 1.0]])
     # token means: chosen −1, −0.5, −3 vs rejected −0.5, −2, −1 -> 0 + 1 + 0
     assert accuracy_parts(simpo, {}, values, tokens, None)[:2] == (1.0, 3.0)
-    lipo = Task(spec=LOSSES["lipo"], hparams={}, fmt="list", pad_id=0)
+    lipo = LOSSES["lipo"]
     batch = {"scores": torch.tensor([[2.0, 1.0, 0.0]]), "list_mask": torch.tensor([[True] * 3])}
     # rewards 0, 1, −1 for scores 2, 1, 0: pairs (0,1) wrong, (0,2) right, (1,2) right
     logps = torch.tensor([[0.0], [1.0], [-1.0]])
@@ -316,9 +320,10 @@ def test_preference_accuracy_definitions_by_hand():
 
 
 def test_sft_accuracy_scores_each_completion_after_another_prompt():
-    from fastpref.data import collate, load_rows, tokenize_rows
+    from fastpref.families.lm_formats import collate, load_rows, tokenize_rows
+    from fastpref.families.lm_preference import collate_sequences as _collate_sequences
+    from fastpref.families.lm_preference import mismatched_completions
     from fastpref.models import load_tokenizer
-    from fastpref.train.evaluate import _collate_sequences, mismatched_completions
 
     tokenizer = load_tokenizer(None)
     rows = load_rows(str(default_data("sft")), "sft")[:3]
@@ -466,22 +471,20 @@ def test_reference_table_rounds_like_the_evaluation_forward():
     a policy equal to its reference are bit-identical to the policy's (exact ties at step 0),
     even for rdpo, whose loss needs the reference of only the chosen and rejected rows (scoring
     those alone packs them differently, which rounds differently on the bundled model)."""
-    from fastpref.data import collate, load_rows, tokenize_rows
+    from fastpref.families import family_of
+    from fastpref.families.base import Dist
+    from fastpref.families.lm_formats import collate, load_rows, tokenize_rows
     from fastpref.models import PolicyLogps, build_or_load_causal_lm, load_tokenizer
     from fastpref.train.reference import compute_reference_table
 
+    task = family_of("rdpo").start(LOSSES["rdpo"], parse_config(["--loss", "rdpo"]), {})
     tok = load_tokenizer(None)
     model = build_or_load_causal_lm(None, vocab_size=len(tok), seed=0)
     rows = load_rows(str(default_data("pair_rationale")), "pair_rationale")[:32]
     examples = tokenize_rows(rows, "pair_rationale", tok, max_length=512)
     scorer = PolicyLogps(model).eval()
     table = compute_reference_table(
-        scorer,
-        examples,
-        "pair_rationale",
-        tok.pad_token_id,
-        batch_size=16,
-        device=torch.device("cpu"),
+        task, scorer, examples, batch_size=16, dist=Dist(torch.device("cpu"))
     )
     for start in (0, 16):
         batch = collate(examples[start : start + 16], "pair_rationale", tok.pad_token_id)

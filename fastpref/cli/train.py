@@ -12,24 +12,12 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fastpref.losses import LOSSES, get_loss
-    from fastpref.train import ConfigError, parse_config
-
-    names = list(LOSSES)
-    try:
-        cfg = parse_config(argv, names)
-        get_loss(cfg.loss)  # unknown loss -> ValueError listing the choices
-    except ValueError as e:  # ConfigError too
-        print(f"fastpref-train: error: {e}", file=sys.stderr)
-        return 2
-
-    from fastpref.data import DataError
-    from fastpref.models import ModelError
-    from fastpref.train import train
+    from fastpref.train import InputError, parse_config, train
 
     try:
+        cfg = parse_config(argv)
         train(cfg)
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as e:
+    except (InputError, FileNotFoundError) as e:  # bad input, found before training
         print(f"fastpref-train: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,6 +1,7 @@
 """Tokenisation of validated rows into per-role (prompt + completion) id sequences.
 
-Each role of an example is one sequence `prompt_ids + completion_ids + [eos]`:
+A family says what the roles of a row are (``roles(row, i) -> [(prompt, completion text)]``);
+each role of an example becomes one sequence `prompt_ids + completion_ids + [eos]`:
 
 - prompt and completion are tokenised separately and their ids concatenated, so no BPE merge
   crosses the boundary and the completion's tokens are exactly those of the completion text;
@@ -18,29 +19,11 @@ Each role of an example is one sequence `prompt_ids + completion_ids + [eos]`:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from fastpref.data.formats import check_format
 
-RATIONALE_TEMPLATE = (
-    "Question: {prompt}\n"
-    "Answer A: {chosen}\n"
-    "Answer B: {rejected}\n"
-    "Answer A is better than answer B. Why?\n"
-)
-"""Prompt of the rationale role (rdpo, rorpo): the rationale is scored as the completion of
-this text, filled with the row's prompt, chosen and rejected response. A chat prompt is shown
-as "role: content" lines."""
-
-
-def _prompt_text(prompt: str | list[dict[str, str]]) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-
-
-class _Encoder:
+class Encoder:
     """Caches prompt ids (every role of an example shares its prompt)."""
 
     def __init__(self, tokenizer: Any):
@@ -90,46 +73,32 @@ class _Encoder:
         return p + c, len(p), min(len(c), len(text_ids))
 
 
-def _roles(row: dict, fmt: str, rows: Sequence[dict], i: int) -> list[tuple[Any, str]]:
-    """(prompt, completion text) of each role of row i, in ROLES order."""
-    p = row["prompt"]
-    if fmt == "pair":
-        return [(p, row["chosen"]), (p, row["rejected"])]
-    if fmt == "pair_rationale":
-        shown = RATIONALE_TEMPLATE.format(
-            prompt=_prompt_text(p), chosen=row["chosen"], rejected=row["rejected"]
-        )
-        return [(p, row["chosen"]), (p, row["rejected"]), (shown, row["rationale"])]
-    if fmt == "kto":
-        mismatched = rows[(i + 1) % len(rows)]["completion"]
-        return [(p, row["completion"]), (p, mismatched)]
-    if fmt == "list":
-        return [(p, r) for r in row["responses"]]
-    return [(p, row["completion"])]
-
-
-def tokenize_rows(
-    rows: Sequence[dict], fmt: str, tokenizer: Any, *, max_length: int, source: str = ""
+def tokenize_examples(
+    rows: Sequence[dict],
+    roles: Callable[[dict, int], list[tuple[Any, str]]],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    source: str = "",
+    extra: Callable[[dict], dict] | None = None,
 ) -> list[dict]:
-    """Tokenise validated rows (from `load_rows`) of format `fmt` into examples.
+    """Tokenise validated rows into examples, one sequence per role.
 
-    Each example: {"example_id": index in `rows`, "input_ids": [ids of each role],
-    "prompt_lengths": [prompt length of each role]} plus "label" (kto), "scores" (list) and
-    "margin" (pair formats, when the row has one). Role order is ROLES[fmt]; KTO's "kl" role
-    is prompt_i with the completion of row (i + 1) % n; the rationale role's prompt is
-    RATIONALE_TEMPLATE. `source` names the data in the drop warning.
+    Each example: {"example_id": index in ``rows``, "input_ids": [ids of each role],
+    "prompt_lengths": [prompt length of each role], **extra(row)}. ``roles(row, i)`` gives the
+    (prompt, completion text) of each role of row i. ``source`` names the data in the warning
+    about dropped examples (those whose completion is empty after truncation).
     """
-    check_format(fmt)
     if max_length < 2:
         raise ValueError(
             f"max_length must be at least 2 (a prompt and a completion token), got {max_length}"
         )
-    enc = _Encoder(tokenizer)
+    enc = Encoder(tokenizer)
     text_ids: dict[str, list[int]] = {}
     examples, dropped = [], 0
     for i, row in enumerate(rows):
         input_ids, prompt_lengths, empty = [], [], False
-        for prompt, text in _roles(row, fmt, rows, i):
+        for prompt, text in roles(row, i):
             if text not in text_ids:
                 text_ids[text] = enc.completion(text)
             ids, n_prompt, kept = enc.sequence(enc.prompt(prompt), text_ids[text], max_length)
@@ -144,17 +113,13 @@ def tokenize_rows(
             "input_ids": input_ids,
             "prompt_lengths": prompt_lengths,
         }
-        if fmt == "kto":
-            ex["label"] = row["label"]
-        elif fmt == "list":
-            ex["scores"] = list(row["scores"])
-        elif "margin" in row:
-            ex["margin"] = row["margin"]
+        if extra is not None:
+            ex.update(extra(row))
         examples.append(ex)
     if dropped:
         warnings.warn(
             f"{source or 'data'}: dropped {dropped} of {len(rows)} examples whose completion is "
             f"empty after truncation to max_length={max_length}",
-            stacklevel=2,
+            stacklevel=3,
         )
     return examples

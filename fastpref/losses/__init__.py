@@ -1,16 +1,14 @@
-"""Objectives: preference, ranking and reward losses as plain PyTorch, and their registry.
+"""Objectives: preference, ranking and reward losses as plain PyTorch.
 
 Every trainer loss is ``fn(inputs, **hparams) -> (scalar loss, LossMetrics)`` with
-keyword-only hyperparameters whose defaults are in the signature. ``LOSSES`` maps each
-``--loss`` name to a :class:`LossSpec`; :func:`get_loss` looks one up.
+keyword-only hyperparameters whose defaults are in the signature (each hyperparameter's doc and
+range is in ``fastpref.losses.hparams``). Which ``--loss`` name trains which function on which
+data is the families' registry, ``fastpref.families``.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
-
+from fastpref.losses.hparams import HPARAMS, Hparam
 from fastpref.losses.kto import kto, kto_reference_point
 from fastpref.losses.listwise import (
     lambdarank_loss,
@@ -37,11 +35,11 @@ from fastpref.losses.types import (
 )
 
 __all__ = [
-    "LOSSES",
+    "HPARAMS",
+    "Hparam",
     "KTOLogps",
     "ListLogps",
     "LossMetrics",
-    "LossSpec",
     "PairLogps",
     "RankPOScores",
     "RewardScores",
@@ -49,7 +47,6 @@ __all__ = [
     "cdpo",
     "cpo",
     "dpo",
-    "get_loss",
     "hinge",
     "ipo",
     "kto",
@@ -70,52 +67,3 @@ __all__ = [
     "sft",
     "simpo",
 ]
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """What the trainer needs to know about a loss besides the function itself."""
-
-    name: str  # the --loss value
-    fn: Callable  # fn(inputs, **hparams) -> (loss, LossMetrics)
-    inputs: type  # the input dataclass fn takes
-    data_format: str  # "pair" | "pair_rationale" | "kto" | "list" | "sft"
-    needs_reference: bool  # whether fn reads reference log-probs
-
-    def hparams(self) -> dict[str, object]:
-        """Keyword-only hyperparameter names -> defaults, read from ``fn``'s signature."""
-        return {
-            p.name: p.default
-            for p in inspect.signature(self.fn).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-        }
-
-    def __call__(self, inputs: object, **hparams: object) -> tuple:
-        return self.fn(inputs, **hparams)
-
-
-_SPECS = (
-    LossSpec("sft", sft, SFTLogps, "sft", False),
-    LossSpec("rm", rm, RewardScores, "pair", False),
-    LossSpec("dpo", dpo, PairLogps, "pair", True),
-    LossSpec("cdpo", cdpo, PairLogps, "pair", True),
-    LossSpec("robust", robust, PairLogps, "pair", True),
-    LossSpec("ipo", ipo, PairLogps, "pair", True),
-    LossSpec("hinge", hinge, PairLogps, "pair", True),
-    LossSpec("simpo", simpo, PairLogps, "pair", False),
-    LossSpec("cpo", cpo, PairLogps, "pair", False),
-    LossSpec("orpo", orpo, PairLogps, "pair", False),
-    LossSpec("kto", kto, KTOLogps, "kto", True),
-    LossSpec("rdpo", rdpo, PairLogps, "pair_rationale", True),
-    LossSpec("rorpo", rorpo, PairLogps, "pair_rationale", False),
-    LossSpec("lipo", lipo, ListLogps, "list", True),
-)
-LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _SPECS}
-
-
-def get_loss(name: str) -> LossSpec:
-    """The :class:`LossSpec` registered as ``name``; ValueError listing the choices if none."""
-    try:
-        return LOSSES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}") from None

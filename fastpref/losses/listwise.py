@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastpref.losses._checks import check_inputs, check_positive
-from fastpref.losses.metrics import LossMetrics
+from fastpref.losses.metrics import LossMetrics, pair_metrics
 from fastpref.losses.types import ListLogps
 
 __all__ = [
@@ -236,14 +236,11 @@ def lipo(inputs: ListLogps, *, beta: float = 0.1) -> tuple[Tensor, LossMetrics]:
         worst = torch.where(mask, rel, far).argmin(-1, keepdim=True)
         pairs = _pairs(relevance, mask)
         ordered = (rewards.unsqueeze(-1) > rewards.unsqueeze(-2)) & pairs
-        chosen = rewards.gather(-1, best).mean()
-        rejected = rewards.gather(-1, worst).mean()
-        metrics = LossMetrics(
-            rewards_chosen=chosen,
-            rewards_rejected=rejected,
-            rewards_accuracies=ordered.sum() / pairs.sum(),
-            rewards_margins=chosen - rejected,
-            logps_chosen=inputs.logps.gather(-1, best).mean(),
-            logps_rejected=inputs.logps.gather(-1, worst).mean(),
-        )
+    metrics = pair_metrics(
+        rewards.gather(-1, best),
+        rewards.gather(-1, worst),
+        inputs.logps.gather(-1, best),
+        inputs.logps.gather(-1, worst),
+        accuracies=ordered.sum() / pairs.sum(),
+    )
     return loss, metrics

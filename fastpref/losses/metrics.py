@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-__all__ = ["LossMetrics"]
+__all__ = ["LossMetrics", "pair_metrics", "pairwise_correct"]
 
 # field name -> logged name (TRL's, where TRL has one)
 _NAMES = {
@@ -65,21 +65,35 @@ class LossMetrics:
         }
 
 
+def pairwise_correct(margin: Tensor) -> Tensor:
+    """1 for a positive margin, ½ for a tie, 0 otherwise — the one rule by which every accuracy
+    of fastpref counts a pair (so identical rewards score exactly 0.5)."""
+    return (margin > 0).float() + 0.5 * (margin == 0).float()
+
+
 def pair_metrics(
     chosen_rewards: Tensor,
     rejected_rewards: Tensor,
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
+    chosen_logps: Tensor | None = None,
+    rejected_logps: Tensor | None = None,
+    *,
+    accuracies: Tensor | None = None,
     **extra: Tensor,
 ) -> LossMetrics:
-    """The metrics every pairwise loss reports, from per-example rewards and log-probs."""
+    """The metrics every pairwise loss reports, from per-example rewards (and log-probs).
+
+    ``accuracies`` defaults to the fraction of examples with chosen reward > rejected reward; a
+    listwise loss passes its own (ordered pairs over all pairs).
+    """
     with torch.no_grad():
+        if accuracies is None:
+            accuracies = (chosen_rewards > rejected_rewards).float().mean()
         return LossMetrics(
             rewards_chosen=chosen_rewards.mean(),
             rewards_rejected=rejected_rewards.mean(),
-            rewards_accuracies=(chosen_rewards > rejected_rewards).float().mean(),
+            rewards_accuracies=accuracies,
             rewards_margins=(chosen_rewards - rejected_rewards).mean(),
-            logps_chosen=chosen_logps.mean(),
-            logps_rejected=rejected_logps.mean(),
+            logps_chosen=None if chosen_logps is None else chosen_logps.mean(),
+            logps_rejected=None if rejected_logps is None else rejected_logps.mean(),
             **extra,
         )

@@ -14,7 +14,7 @@ from fastpref.losses._checks import (
     check_nonnegative,
     check_positive,
 )
-from fastpref.losses.metrics import LossMetrics
+from fastpref.losses.metrics import LossMetrics, pair_metrics
 from fastpref.losses.pairwise import sigmoid_with_smoothing
 from fastpref.losses.types import RankPOScores
 
@@ -79,11 +79,4 @@ def rankpo(
     with torch.no_grad():
         chosen_rewards = beta * (chosen - ref_chosen)
         rejected_rewards = beta * (rejected - ref_rejected)
-        metrics = LossMetrics(
-            rewards_chosen=chosen_rewards.mean(),
-            rewards_rejected=rejected_rewards.mean(),
-            rewards_accuracies=(chosen_rewards > rejected_rewards).float().mean(),
-            rewards_margins=(chosen_rewards - rejected_rewards).mean(),
-            sft_loss=sft,
-        )
-    return loss, metrics
+    return loss, pair_metrics(chosen_rewards, rejected_rewards, sft_loss=sft)

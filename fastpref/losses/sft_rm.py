@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastpref.losses._checks import check_inputs, check_nonnegative
-from fastpref.losses.metrics import LossMetrics
+from fastpref.losses.metrics import LossMetrics, pair_metrics
 from fastpref.losses.reference_free import token_mean_nll
 from fastpref.losses.types import RewardScores, SFTLogps
 
@@ -46,11 +45,4 @@ def rm(
     loss = -F.logsigmoid(diff).mean()
     if center_rewards_coefficient:
         loss = loss + center_rewards_coefficient * ((inputs.chosen + inputs.rejected) ** 2).mean()
-    with torch.no_grad():
-        metrics = LossMetrics(
-            rewards_chosen=inputs.chosen.mean(),
-            rewards_rejected=inputs.rejected.mean(),
-            rewards_accuracies=(inputs.chosen > inputs.rejected).float().mean(),
-            rewards_margins=(inputs.chosen - inputs.rejected).mean(),
-        )
-    return loss, metrics
+    return loss, pair_metrics(inputs.chosen, inputs.rejected)

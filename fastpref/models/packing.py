@@ -28,9 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastpref.constants import IGNORE_INDEX
+
 __all__ = ["Packed", "pack_rows", "packing_supported", "MAX_MASK_ELEMENTS"]
 
-IGNORE_INDEX = -100
+
 # The mask is [rows, 1, L, L]; past this many elements a padded batch is cheaper to hold.
 MAX_MASK_ELEMENTS = 1 << 25
 MAX_ROW = 128  # tokens: units shorter than this may share a row; its attention stays cheap

@@ -11,51 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastpref.models.causal_lm import (
-    _bundled_config,
-    _version_kwargs,
-    attention_implementation,
-    backbone,
-    check_model_path,
-    loading,
-)
+from fastpref.constants import IGNORE_INDEX
+from fastpref.models.causal_lm import backbone
 
-__all__ = ["RewardScorer", "build_or_load_reward_model"]
-
-
-def build_or_load_reward_model(
-    path: str | None,
-    *,
-    vocab_size: int,
-    pad_token_id: int,
-    seed: int,
-    attn: str = "auto",
-    dtype: torch.dtype | None = None,
-    trust_remote_code: bool = False,
-) -> nn.Module:
-    """``AutoModelForSequenceClassification`` with ``num_labels=1`` at ``path`` (a causal-LM
-    checkpoint gets a freshly initialised head), or the bundled tiny Llama built with ``seed``."""
-    from transformers import AutoModelForSequenceClassification
-
-    attn = attention_implementation(attn, dtype)
-    if path is not None:
-        check_model_path(path)
-        with loading("model", path):
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path,
-                num_labels=1,
-                attn_implementation=attn,
-                trust_remote_code=trust_remote_code,
-                **_version_kwargs(dtype),
-            )
-    else:
-        config = _bundled_config(vocab_size, num_labels=1, attn_implementation=attn)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_config(config)
-        model = model.to(dtype) if dtype is not None else model
-    model.config.pad_token_id = pad_token_id
-    return model
+__all__ = ["RewardScorer"]
 
 
 class RewardScorer(nn.Module):
@@ -74,7 +33,7 @@ class RewardScorer(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         # completion tokens when labels mark them (as for the LM losses), else attended tokens
-        tokens = attention_mask.sum(-1) if labels is None else (labels != -100).sum(-1)
+        tokens = attention_mask.sum(-1) if labels is None else (labels != IGNORE_INDEX).sum(-1)
         head = getattr(self.model, "score", None)
         if head is None:  # encoders and models that pool for themselves
             out = self.model(input_ids=input_ids, attention_mask=attention_mask)

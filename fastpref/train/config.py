@@ -3,6 +3,11 @@
 Every field becomes a flag (``micro_batch`` -> ``--micro-batch``; booleans get ``--no-...``);
 ``--help`` prints each field's one-line description and its default. A YAML or JSON file given
 with ``--config`` may set any field (keys with ``_`` or ``-``); flags override it.
+
+The fields are the loop's own options (declared here, each with its valid range), then every
+loss hyperparameter (derived from the loss signatures and ``fastpref.losses.HPARAMS``; unset
+means the loss's own default) and every family option (``Family.options``). Values are checked
+while parsing, before any model, data or directory is touched.
 """
 
 from __future__ import annotations
@@ -10,24 +15,60 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ConfigError", "TrainConfig", "build_parser", "parse_config", "LOSS_HPARAMS"]
+from fastpref.errors import ConfigError
+from fastpref.families import FAMILIES, OBJECTIVES, Objective, family_of
+from fastpref.losses import HPARAMS
+
+__all__ = [
+    "ConfigError",
+    "FAMILY_OPTIONS",
+    "LOSS_HPARAMS",
+    "TrainConfig",
+    "build_parser",
+    "loss_hparams",
+    "parse_config",
+]
 
 
-class ConfigError(ValueError):
-    """A bad option or configuration file (reported before anything is loaded)."""
+def _opt(
+    default: object,
+    help: str,  # noqa: A002 - mirrors argparse
+    check: Callable[[object], str | None] | None = None,
+    choices: tuple | None = None,
+) -> object:
+    """A field with its one-line help and its valid range (``check(value)`` -> problem or None)."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices})
 
 
-def _opt(default: object, help: str) -> object:  # noqa: A002 - mirrors argparse
-    return field(default=default, metadata={"help": help})
+def _positive(v) -> str | None:
+    return None if math.isfinite(v) and v > 0 else "must be > 0"
+
+
+def _nonnegative(v) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else "must be >= 0"
+
+
+def _at_least(n: int) -> Callable[[int], str | None]:
+    return lambda v: None if v >= n else f"must be >= {n}"
+
+
+def _fraction(v) -> str | None:  # [0, 1)
+    return None if 0.0 <= v < 1.0 else "must be in [0, 1)"
+
+
+def _open_fraction(v) -> str | None:  # (0, 1)
+    return None if 0.0 < v < 1.0 else "must be in (0, 1)"
 
 
 @dataclass
-class TrainConfig:
+class CoreConfig:
     # objective and model
     loss: str = _opt("rorpo", "objective (see the list below)")
     model: str | None = _opt(
@@ -47,27 +88,35 @@ class TrainConfig:
         None, "column remapping canonical=source,... e.g. prompt=question"
     )
     eval_split: str | None = _opt(None, "held-out data file; unset: --eval-fraction of --data")
-    eval_fraction: float = _opt(0.1, "fraction of --data held out when no --eval-split is given")
-    max_length: int = _opt(192, "max tokens of prompt+completion (the prompt's start is cut first)")
+    eval_fraction: float = _opt(
+        0.1, "fraction of --data held out when no --eval-split is given", _open_fraction
+    )
+    max_length: int = _opt(
+        192, "max tokens of prompt+completion (the prompt's start is cut first)", _at_least(2)
+    )
     # optimisation
     lr: float | None = _opt(
-        None, "peak lr; unset: 2e-3 built tiny model, else 1e-5 sft/rm, 5e-7 others"
+        None, "peak lr; unset: 2e-3 built tiny model, else 1e-5 sft/rm, 5e-7 others", _positive
     )
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    weight_decay: float = _opt(0.0, "AdamW weight decay", _nonnegative)
     scheduler: str = _opt(
-        "cosine", "learning-rate schedule after warmup: cosine | linear | constant"
+        "cosine",
+        "learning-rate schedule after warmup: cosine | linear | constant",
+        choices=("cosine", "linear", "constant"),
     )
-    warmup_ratio: float = _opt(0.1, "fraction of the steps spent warming the lr up linearly from 0")
+    warmup_ratio: float = _opt(
+        0.1, "fraction of the steps spent warming the lr up linearly from 0", _fraction
+    )
     epochs: float | None = _opt(
-        None, "passes over the data; unset: 1, or 60 steps for the embedded default"
+        None, "passes over the data; unset: 1, or 60 steps for the embedded default", _positive
     )
-    max_steps: int | None = _opt(None, "optimizer steps (overrides --epochs)")
-    micro_batch: int = _opt(8, "examples per micro-batch per process")
-    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
+    max_steps: int | None = _opt(None, "optimizer steps (overrides --epochs)", _at_least(1))
+    micro_batch: int = _opt(8, "examples per micro-batch per process", _at_least(1))
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step", _at_least(1))
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)", _nonnegative)
     seed: int = _opt(0, "seed of the model init, the data split and the data order")
     # DeepSpeed
-    zero_stage: int = _opt(0, "ZeRO stage 0..3")
+    zero_stage: int = _opt(0, "ZeRO stage 0..3", choices=(0, 1, 2, 3))
     bf16: bool = _opt(False, "train in bfloat16 (DeepSpeed bf16 mode)")
     offload: bool = _opt(False, "ZeRO-Offload: optimizer state (and params at stage 3) on the CPU")
     deepspeed: str | None = _opt(
@@ -78,38 +127,100 @@ class TrainConfig:
     cache_dir: str | None = _opt(None, "reference log-prob cache; unset: ~/.cache/fastpref")
     # evaluation, logging, checkpoints
     output_dir: str | None = _opt(None, "run directory; unset: runs/<loss>-<time>")
-    eval_every: int = _opt(0, "evaluate every N steps (0: five times per run); also at start/end")
-    log_every: int = _opt(1, "write a metrics record every N steps")
+    eval_every: int = _opt(
+        0, "evaluate every N steps (0: five times per run); also at start/end", _at_least(0)
+    )
+    log_every: int = _opt(1, "write a metrics record every N steps", _at_least(1))
     tensorboard: bool = _opt(False, "also log to TensorBoard (output_dir/tb)")
     progress: bool = _opt(True, "show a progress bar")
-    save_every: int = _opt(0, "DeepSpeed checkpoint every N steps (0: off)")
-    save_total_limit: int = _opt(2, "complete checkpoints kept (older ones are deleted)")
-    resume: bool = _opt(False, "continue from the latest complete checkpoint in --output-dir")
-    # loss hyperparameters (None: the loss's own default; passed only to losses that take them)
-    beta: float | None = _opt(None, "β: strength of the preference term (all but sft/rm)")
-    label_smoothing: float | None = _opt(None, "ε: label noise of cdpo/robust")
-    gamma: float | None = _opt(None, "γ: rationale weight (rdpo/rorpo) or SimPO's margin")
-    alpha: float | None = _opt(None, "α: weight of the NLL term of cpo/simpo")
-    rationale_term: str | None = _opt(
-        None, "rdpo: rationale term, nll (paper) or logsigmoid (authors' code)"
+    save_every: int = _opt(0, "DeepSpeed checkpoint every N steps (0: off)", _at_least(0))
+    save_total_limit: int = _opt(
+        2, "complete checkpoints kept (older ones are deleted)", _at_least(1)
     )
-    center_rewards_coefficient: float | None = _opt(None, "rm: weight of the reward-centring term")
-    desirable_weight: float | None = _opt(None, "kto: weight of desirable examples")
-    undesirable_weight: float | None = _opt(None, "kto: weight of undesirable examples")
+    resume: bool = _opt(False, "continue from the latest complete checkpoint in --output-dir")
 
 
-# fields that are loss hyperparameters (keyword arguments of the loss functions)
-LOSS_HPARAMS = (
-    "beta",
-    "label_smoothing",
-    "gamma",
-    "alpha",
-    "rationale_term",
-    "center_rewards_coefficient",
-    "desirable_weight",
-    "undesirable_weight",
+def _hparam_fields() -> list[tuple[str, object, object]]:
+    """One field per hyperparameter some registered loss takes (None: the loss's default)."""
+    taken = {name for objective in OBJECTIVES.values() for name in objective.hparams()}
+    unknown = taken - set(HPARAMS)
+    if unknown:
+        raise RuntimeError(f"loss hyperparameters without a HPARAMS entry: {sorted(unknown)}")
+    out = []
+    for name, hp in HPARAMS.items():
+        if name in taken:
+            check = _hparam_check(name, hp.check)
+            out.append((name, hp.type | None, _opt(None, hp.help, check, hp.choices)))
+    return out
+
+
+def _hparam_check(name: str, check) -> Callable[[object], str | None]:
+    def problem(value: object) -> str | None:
+        try:
+            check(name, value)
+        except ValueError as e:
+            return str(e).removeprefix(name).strip()
+        return None
+
+    return problem
+
+
+def _option_fields() -> list[tuple[str, object, object]]:
+    """One field per family option (an option two families declare must agree)."""
+    seen: dict[str, object] = {}
+    out = []
+    for family in FAMILIES:
+        for o in family.options:
+            if o.name in seen:
+                if seen[o.name] != (o.type, o.default):
+                    raise RuntimeError(f"families disagree on option --{o.name}")
+                continue
+            seen[o.name] = (o.type, o.default)
+            help_text = f"{o.help} [{family.name}]"
+            out.append((o.name, o.type | None, _opt(o.default, help_text, o.check, o.choices)))
+    return out
+
+
+_HPARAM_FIELDS = _hparam_fields()
+LOSS_HPARAMS = tuple(name for name, _, _ in _HPARAM_FIELDS)
+_OPTION_FIELDS = _option_fields()
+FAMILY_OPTIONS = tuple(name for name, _, _ in _OPTION_FIELDS)
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig", _HPARAM_FIELDS + _OPTION_FIELDS, bases=(CoreConfig,)
 )
-_CHOICES = {"scheduler": ("cosine", "linear", "constant"), "zero_stage": (0, 1, 2, 3)}
+TrainConfig.__doc__ = "Every option of a fastpref-train run (see the module docstring)."
+TrainConfig.__module__ = __name__
+
+
+def loss_hparams(cfg: TrainConfig, objective: Objective) -> dict[str, object]:
+    """The hyperparameter flags that were set, checked against the loss's signature, and the
+    family options set for another family (errors name the flag and what it takes)."""
+    accepted = objective.hparams()
+    given = {n: getattr(cfg, n) for n in LOSS_HPARAMS if getattr(cfg, n) is not None}
+    for name in given:
+        if name not in accepted:
+            takes = ", ".join(_flag(k) for k in accepted) or "none"
+            raise ConfigError(
+                f"{_flag(name)} is not a hyperparameter of {objective.name} (it takes: {takes})"
+            )
+    family = family_of(objective.name)
+    own = {o.name for o in family.options}
+    for name in FAMILY_OPTIONS:
+        default = TrainConfig.__dataclass_fields__[name].default
+        if name not in own and getattr(cfg, name) != default:
+            raise ConfigError(
+                f"{_flag(name)} is not an option of --loss {objective.name} (family {family.name})"
+            )
+    return given
+
+
+def losses_by_family() -> str:
+    """The epilog of --help: every --loss grouped by family."""
+    lines = ["losses, by family:"]
+    for family in FAMILIES:
+        names = ", ".join(o.name for o in family.objectives)
+        lines.append(f"  {family.name} ({family.summary}): {names}")
+    return "\n".join(lines)
 
 
 def _flag(name: str) -> str:
@@ -134,14 +245,23 @@ def _parse_columns(text: str) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-def build_parser(loss_names: typing.Sequence[str] = ()) -> argparse.ArgumentParser:
+_EXAMPLES = """\
+examples:
+  fastpref-train --loss rorpo                                  # embedded default, offline, CPU
+  fastpref-train --loss dpo --model PATH --data prefs.jsonl --beta 0.1 --output-dir runs/dpo
+  torchrun --nproc_per_node 2 -m fastpref.cli.train --loss kto --model PATH --data kto.jsonl
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
     """The CLI parser. Defaults are shown but not set, so explicit flags can override a file."""
-    epilog = f"losses: {', '.join(loss_names)}" if loss_names else None
     parser = argparse.ArgumentParser(
         prog="fastpref-train",
         argument_default=argparse.SUPPRESS,
-        epilog=epilog,
-        description="Train a causal LM with a preference, SFT or reward objective on DeepSpeed.",
+        epilog=losses_by_family() + "\n\n" + _EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a model with a preference, ranking, contrastive, SFT or reward "
+        "objective on DeepSpeed.",
     )
     parser.add_argument("--config", help="YAML or JSON file with any of the options below")
     for f in dataclasses.fields(TrainConfig):
@@ -155,12 +275,27 @@ def build_parser(loss_names: typing.Sequence[str] = ()) -> argparse.ArgumentPars
         else:
             kwargs["type"] = kind
             kwargs["metavar"] = f.name.rstrip("_").upper()
-        if f.name in _CHOICES:
-            kwargs["choices"] = _CHOICES[f.name]
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(_flag(f.name), **kwargs)
     # set by the `deepspeed` launcher; the rank is read from the environment
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser
+
+
+def _check_ranges(values: dict[str, object]) -> None:
+    """Every set value within its declared range: ConfigError naming the flag."""
+    for name, value in values.items():
+        meta = TrainConfig.__dataclass_fields__[name].metadata
+        if value is None:
+            continue
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{_flag(name)} must be one of {choices}, got {value!r}")
+        check = meta.get("check")
+        problem = check(value) if check is not None else None
+        if problem:
+            raise ConfigError(f"{_flag(name)} {problem}, got {value!r}")
 
 
 def _read_file(path: str) -> dict:
@@ -206,16 +341,12 @@ def _coerce(path: str, name: str, value: object) -> object:
         ok = isinstance(value, kind)
     if not ok:
         raise ConfigError(f"--config {path}: {name} must be {kind.__name__}, got {value!r}")
-    if name in _CHOICES and value not in _CHOICES[name]:
-        raise ConfigError(f"--config {path}: {name} must be one of {_CHOICES[name]}, got {value!r}")
     return value
 
 
-def parse_config(
-    argv: typing.Sequence[str] | None = None, loss_names: typing.Sequence[str] = ()
-) -> TrainConfig:
-    """defaults < ``--config`` file < command-line flags."""
-    args = vars(build_parser(loss_names).parse_args(argv))
+def parse_config(argv: typing.Sequence[str] | None = None) -> TrainConfig:
+    """defaults < ``--config`` file < command-line flags, each value checked against its range."""
+    args = vars(build_parser().parse_args(argv))
     args.pop("local_rank", None)
     values: dict[str, object] = {}
     config_path = args.pop("config", None)
@@ -231,4 +362,5 @@ def parse_config(
                 )
             values[name] = _coerce(config_path, name, value)
     values.update(args)
+    _check_ranges(values)
     return TrainConfig(**values)

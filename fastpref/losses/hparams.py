@@ -1,0 +1,60 @@
+"""Every loss hyperparameter, declared once: its one-line doc and its valid range.
+
+A loss takes a hyperparameter as a keyword-only argument whose default is in the signature (so
+the default can differ per loss: SimPO's β is 2, DPO's 0.1); the trainer derives the flag
+``--<name>`` and the config key from the signature and the entry here, and checks a value with
+``check`` while parsing the options, before anything is loaded. The losses keep their own checks
+for Python callers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastpref.losses._checks import (
+    check_choice,
+    check_finite,
+    check_label_smoothing,
+    check_nonnegative,
+    check_positive,
+)
+
+__all__ = ["HPARAMS", "Hparam"]
+
+
+@dataclass(frozen=True)
+class Hparam:
+    type: type
+    help: str
+    check: Callable[[str, object], None]  # check(name, value) raises ValueError
+    choices: tuple | None = None
+
+
+def _label_smoothing(name: str, value: object) -> None:
+    check_label_smoothing(value)
+
+
+def _choice(*choices: str) -> Callable[[str, object], None]:
+    return lambda name, value: check_choice(name, value, choices)
+
+
+HPARAMS: dict[str, Hparam] = {
+    "beta": Hparam(float, "β: strength of the preference term (all but sft/rm)", check_positive),
+    "label_smoothing": Hparam(
+        float, "ε ∈ [0, 0.5): assumed label-flip rate (cdpo/robust/simpo/cpo)", _label_smoothing
+    ),
+    "gamma": Hparam(float, "γ: rationale weight (rdpo/rorpo) or SimPO's margin", check_finite),
+    "alpha": Hparam(float, "α ≥ 0: weight of the NLL term of cpo/simpo", check_nonnegative),
+    "rationale_term": Hparam(
+        str,
+        "rdpo: rationale term, nll (paper) or logsigmoid (authors' code)",
+        _choice("nll", "logsigmoid"),
+        ("nll", "logsigmoid"),
+    ),
+    "center_rewards_coefficient": Hparam(
+        float, "rm: weight ≥ 0 of the reward-centring term", check_nonnegative
+    ),
+    "desirable_weight": Hparam(float, "kto: weight > 0 of desirable examples", check_positive),
+    "undesirable_weight": Hparam(float, "kto: weight > 0 of undesirable examples", check_positive),
+}

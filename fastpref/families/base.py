@@ -140,6 +140,7 @@ class Task(Protocol):
     """One run of one objective (see the module docstring for the order of the calls)."""
 
     objective: Objective
+    tokenizer: Any  # the run's tokenizer (its length is checked against the model's vocab)
     metric_name: str  # what EvalResult.accuracy is, for the console ("preference accuracy")
     default_data: Path  # the bundled data of the objective's format
     default_lr: float  # when --lr is unset

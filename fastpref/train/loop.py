@@ -243,6 +243,8 @@ def train(cfg: TrainConfig) -> dict:
         "accuracy_before": before.accuracy if before else None,
         "accuracy_after": after.accuracy,
         "eval_loss_after": after.loss,
+        "eval_before": before.record() if before else None,
+        "eval_after": after.record(),
         "reference_cache_hit": ref_hit,
     }
     save_final(task, engine, out_dir, cfg, log, summary, t_start, is_main)

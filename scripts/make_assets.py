@@ -8,6 +8,7 @@ writes, under the output directory:
     data/kto.jsonl             prompt/completion/label           (kto)
     data/list.jsonl            prompt/responses[4]/scores[4]     (lipo)
     data/sft.jsonl             prompt/completion                 (sft)
+    data/aepo_responses.jsonl  prompt/responses[16]              (fastpref-aepo's default input)
     tokenizer/                 byte-level BPE (AutoTokenizer.from_pretrained loads it offline)
     model/config.json          a 2-layer, 128-wide Llama sized to the tokenizer
 
@@ -35,6 +36,8 @@ N_PAIR = 2000
 N_KTO = 1600
 N_LIST = 1000
 N_SFT = 1500
+N_AEPO = 100  # instructions of the bundled fastpref-aepo input
+AEPO_RESPONSES = 16  # responses per instruction (N)
 VOCAB_SIZE = 1024  # a multiple of 64, so the model's vocab_size equals the tokenizer's
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -253,6 +256,28 @@ def make_sft(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+def make_aepo_responses(rng: random.Random, n: int, per_prompt: int) -> list[dict]:
+    """`per_prompt` distinct responses per prompt, of visibly varying quality: polite and on
+    topic (best), rude on topic, polite off topic, rude off topic (worst), in shuffled order,
+    about a third of them of the best kind."""
+    kinds = [(True, False), (False, False), (True, True), (False, True)]  # (polite, drift)
+    weights = [5, 3, 2, 2]
+    rows = []
+    for _ in range(n):
+        topic, prompt = _prompt(rng)
+        seen: set[str] = set()
+        responses: list[str] = []
+        while len(responses) < per_prompt:
+            polite, drift = rng.choices(kinds, weights)[0]
+            about = _other(rng, topic) if drift else topic
+            text = answer(rng, about, polite=polite, drift=drift)
+            if text not in seen:
+                seen.add(text)
+                responses.append(text)
+        rows.append({"prompt": prompt, "responses": responses})
+    return rows
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -374,6 +399,10 @@ def generate(out: Path) -> None:
         _write_jsonl(out / "data" / f"{name}.jsonl", rows)
     vocab_size, ids = make_tokenizer(_corpus(datasets), out / "tokenizer")
     make_model_config(out / "model", vocab_size, ids)
+    # Its own generator, and not part of the tokenizer's corpus, so the files above stay
+    # byte-identical to the ones written before this file existed.
+    aepo = make_aepo_responses(random.Random(SEED + 1), N_AEPO, AEPO_RESPONSES)
+    _write_jsonl(out / "data" / "aepo_responses.jsonl", aepo)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,13 +1,13 @@
 // Fused linear log-probs on the CPU: log p(target) and the entropy of softmax(f(H @ W.T + b))
-// without the N x V logits.
+// without the N x V logits. This file holds the launchers (tiling, GEMMs, threads, memory); the
+// per-row math (logit map f, online log-sum-exp, logit gradient) and why it is numerically safe
+// are in csrc/include/fastpref/linear_logprobs_math.h.
 //
 // What is fused
-//   f = softcap * tanh((h . w_v + b_v) / softcap) / temperature   (softcap optional)
 //   forward:  lse = logsumexp_v f,  logp = f[target] - lse,  entropy = lse - sum_v p_v f_v
-//   backward: G = dL/dz = (g_logp (onehot - p) - g_ent p (f - E_p f)) * df/dz, then
-//             dH = G @ W, dW = G.T @ H, db = sum_rows G, with p = exp(f - lse) recomputed.
-//   The rows arrive compacted (ignored targets removed by the ops layer), so no GEMM is
-//   spent on an ignored row.
+//   backward: G = dL/dz recomputed tile by tile, then dH = G @ W, dW = G.T @ H, db = sum_rows G.
+//   The rows arrive compacted (ignored targets removed by the ops layer, which also checked every
+//   target once), so no GEMM is spent on an ignored row.
 //
 // How it is tiled
 //   The vocabulary is cut into tiles of VT columns and the tiles into one contiguous range per
@@ -19,19 +19,13 @@
 //   A task owns its vocab range, so dW and db need no synchronisation; dH is summed over the
 //   vocabulary, so each task accumulates its own [N, D] fp32 partial and the partials are added
 //   in task order at the end. No atomics, fixed summation order: bitwise reproducible for a
-//   given thread count.
+//   given thread count. Per-task online states are merged in task order.
 //
-// Why the numerics are safe
-//   The log-sum-exp is online per row: a running max m, the rescaled sum s = sum exp(f - m) and,
-//   for the entropy, a = sum exp(f - m) (f - m), so exp never sees a positive argument and the
-//   entropy log(s) - a/s never cancels two large numbers. Per-task states are merged in task
-//   order. Wide logits (std ~20) make most exp() results underflow, and a denormal float costs
-//   ~100 cycles of microcode assist per operation on x86: every worker thread runs with FTZ/DAZ
-//   set (restored on exit), and the backward zeroes probabilities below exp(-46), so the G tile
-//   that feeds the dH/dW GEMMs never holds values whose products could be denormal (the BLAS
-//   may run them on threads of its own, without FTZ). A non-finite max (NaN or inf in
-//   the row) gives lse = NaN for that row only. bf16 GEMMs accumulate in fp32 inside oneDNN; the
-//   epilogue is fp32, dH and dW are accumulated in fp32 and rounded to bf16 once at the end.
+// Denormals
+//   Wide logits (std ~20) make most exp() results underflow, and a denormal float costs ~100
+//   cycles of microcode assist per operation on x86: every worker thread runs with FTZ/DAZ set
+//   (restored on exit). bf16 GEMMs accumulate in fp32 inside oneDNN; the epilogue is fp32, dH
+//   and dW are accumulated in fp32 and rounded to bf16 once at the end.
 //
 // Memory bound (beyond inputs and outputs)
 //   per task: one [NB, VT] fp32 logits tile (fp32: 512 x 256; bf16: 1024 x 512, plus bf16
@@ -40,24 +34,12 @@
 //   state; where the GEMMs go to oneDNN, a copy of H padded by < 64 zero rows (see Gemm):
 //   O(tile + N * D), never O(N * V).
 
-// ATen's Vectorized<T> is only the real SIMD type when CPU_CAPABILITY_AVX2/AVX512 is defined
-// (ATen defines it per capability for its own kernels); in an extension without it the type is
-// the scalar fallback and exp()/tanh() are per-element libm calls (slow, and slower still where
-// wide logits make expf take its underflow path). Pick the widest capability this compilation
-// targets (-march=native in setup.py) before any ATen header is seen.
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#endif
+// The per-row math (logit map, online log-sum-exp, logit gradient) is in
+// csrc/include/fastpref/linear_logprobs_math.h, included first: it picks the SIMD capability.
+#include "fastpref/linear_logprobs_math.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -75,6 +57,13 @@
 namespace fastpref {
 namespace {
 
+using linear_logprobs::grad_row;
+using linear_logprobs::LogitMap;
+using linear_logprobs::lse_update;
+using linear_logprobs::make_logit_map;
+using linear_logprobs::map_row_max;
+using linear_logprobs::merge_states;
+
 // Tile sizes: NB rows x VT vocab columns per GEMM. fp32: a 512 KiB logits tile that stays in a
 // Zen 4 / Xeon L2 next to MKL's packed panels. bf16: the tile products come back from oneDNN in
 // bf16 and are added into fp32 accumulators, one extra pass per tile, so the tiles are larger
@@ -87,12 +76,6 @@ template <>
 struct Tiles<at::BFloat16> {
   static constexpr int64_t NB = 1024, VT = 512;
 };
-// Probabilities below exp(-46) ~ 1e-20 enter the logit gradient as exact zeros: their share of
-// a row's gradient is < V * 1e-20, far below fp32 resolution, and it keeps the G tile free of
-// the tiny values whose products with W would be denormal inside the dH/dW GEMMs (which may
-// run on threads without FTZ).
-constexpr float kLogProbCutoff = -46.0f;
-
 // Flush-to-zero + denormals-are-zero for the current thread, restored on scope exit.
 struct DenormalsAreZero {
 #ifdef FASTPREF_HAS_MXCSR
@@ -167,170 +150,6 @@ struct Gemm {
   }
 };
 
-template <typename acc_t>
-struct LogitMap {
-  acc_t inv_temp;   // 1 / temperature
-  acc_t inv_cap;    // 1 / softcap
-  acc_t cap_scale;  // softcap / temperature
-  bool has_cap;
-};
-
-template <typename acc_t>
-inline acc_t nan_max(acc_t a, acc_t b) {
-  return (std::isnan(a) || a >= b) ? a : b;
-}
-
-template <typename acc_t>
-inline at::vec::Vectorized<acc_t> fast_exp(const at::vec::Vectorized<acc_t>& x) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return x.exp_u20();  // ~1e-6 relative, 2-3x cheaper than Sleef's u10; args here are <= 0
-  } else {
-    return x.exp();
-  }
-}
-
-// f = map(z + b) in place over one row of n logits; returns the NaN-propagating max.
-template <typename acc_t>
-inline acc_t map_row_max(acc_t* z, const acc_t* b, int64_t n, const LogitMap<acc_t>& o) {
-  using V = at::vec::Vectorized<acc_t>;
-  const V vit(o.inv_temp), vic(o.inv_cap), vcs(o.cap_scale);
-  V vmax(-std::numeric_limits<acc_t>::infinity());
-  int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size()) {
-    V v = V::loadu(z + j);
-    if (b) v = v + V::loadu(b + j);
-    v = o.has_cap ? (v * vic).tanh() * vcs : v * vit;
-    v.store(z + j);
-    vmax = at::vec::maximum(vmax, v);
-  }
-  acc_t m = at::vec::vec_reduce_all<acc_t>(
-      [](V& x, V& y) { return at::vec::maximum(x, y); }, vmax);
-  for (; j < n; ++j) {
-    acc_t v = z[j] + (b ? b[j] : acc_t(0));
-    v = o.has_cap ? std::tanh(v * o.inv_cap) * o.cap_scale : v * o.inv_temp;
-    z[j] = v;
-    m = nan_max(m, v);
-  }
-  return m;
-}
-
-// Online update of one row's (m, s, a) with n mapped logits f.
-template <typename acc_t>
-inline void lse_update(const acc_t* f, int64_t n, acc_t tile_max, bool entropy, acc_t& m,
-                       acc_t& s, acc_t& a) {
-  using V = at::vec::Vectorized<acc_t>;
-  if (std::isnan(m)) return;
-  const acc_t m_new = nan_max(m, tile_max);
-  if (!std::isfinite(m_new)) {  // NaN/inf in the row (or an all -inf tile while m = -inf)
-    if (std::isnan(m_new) || m_new > 0) m = std::numeric_limits<acc_t>::quiet_NaN();
-    return;
-  }
-  if (m_new > m) {  // rescale the running sums to the new max
-    const acc_t scale = std::exp(m - m_new);  // m = -inf gives 0
-    if (entropy) a = (s > 0) ? scale * (a + (m - m_new) * s) : acc_t(0);
-    s *= scale;
-    m = m_new;
-  }
-  const V vm(m), zero(0);
-  V vs(0), va(0);
-  int64_t j = 0;
-  if (entropy) {
-    for (; j + V::size() <= n; j += V::size()) {
-      V d = V::loadu(f + j) - vm;
-      V e = fast_exp(d);
-      vs = vs + e;
-      va = va + V::blendv(zero, e * d, e > zero);  // exp(-inf) * -inf would be NaN
-    }
-  } else {
-    for (; j + V::size() <= n; j += V::size()) vs = vs + fast_exp(V::loadu(f + j) - vm);
-  }
-  acc_t ss = at::vec::vec_reduce_all<acc_t>([](V& x, V& y) { return x + y; }, vs);
-  acc_t aa = entropy ? at::vec::vec_reduce_all<acc_t>([](V& x, V& y) { return x + y; }, va) : 0;
-  for (; j < n; ++j) {
-    acc_t d = f[j] - m;
-    acc_t e = std::exp(d);
-    ss += e;
-    if (entropy && e > 0) aa += e * d;
-  }
-  s += ss;
-  a += aa;
-}
-
-// Gradient of the raw logits z of one row, written to out (scalar_t) and added to db (acc_t).
-// gz = (g (onehot - p) - ge p (f - ef)) * df/dz with p = exp(f - lse).
-template <typename scalar_t, typename acc_t>
-inline void grad_row(const acc_t* z, const acc_t* b, int64_t n, const LogitMap<acc_t>& o,
-                     int64_t tgt, acc_t g, acc_t ge, acc_t lse, acc_t ef, bool entropy,
-                     scalar_t* out, acc_t* db, acc_t* scratch) {
-  using V = at::vec::Vectorized<acc_t>;
-  if (!std::isfinite(lse)) {  // a NaN/inf row: its gradient is NaN, not garbage
-    std::fill(out, out + n, scalar_t(std::numeric_limits<acc_t>::quiet_NaN()));
-    return;
-  }
-  const V vit(o.inv_temp), vic(o.inv_cap), vcs(o.cap_scale), vlse(lse), vg(-g), vge(ge),
-      vef(ef), one(1), zero(0), vcut(kLogProbCutoff);
-  // The +g onehot term at the target, taken before the loop: out may alias z (fp32 in place).
-  acc_t onehot = 0;
-  if (tgt >= 0) {
-    acc_t dfdz = o.inv_temp;
-    if (o.has_cap) {
-      const acc_t t = std::tanh((z[tgt] + (b ? b[tgt] : acc_t(0))) * o.inv_cap);
-      dfdz = (1 - t * t) * o.inv_temp;
-    }
-    onehot = g * dfdz;
-  }
-  // gz is computed in acc_t into `row` (the output itself when scalar_t == acc_t, else a
-  // per-thread scratch row) and converted to scalar_t once, vectorised, at the end
-  acc_t* row = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(out) : scratch;
-  int64_t j = 0;
-  auto lane = [&](V v) -> V {
-    V f, dfdz;
-    if (o.has_cap) {
-      V t = (v * vic).tanh();
-      f = t * vcs;
-      dfdz = (one - t * t) * vit;
-    } else {
-      f = v * vit;
-      dfdz = vit;
-    }
-    V d = f - vlse;
-    V p = V::blendv(fast_exp(d), zero, d < vcut);
-    V gf = p * vg;
-    if (entropy) gf = gf - V::blendv(zero, p * vge * (f - vef), p > zero);
-    return gf * dfdz;
-  };
-  for (; j + V::size() <= n; j += V::size()) {
-    V v = V::loadu(z + j);
-    if (b) v = v + V::loadu(b + j);
-    V gz = lane(v);
-    if (db) (V::loadu(db + j) + gz).store(db + j);
-    gz.store(row + j);
-  }
-  for (; j < n; ++j) {
-    acc_t v = z[j] + (b ? b[j] : acc_t(0));
-    acc_t f, dfdz;
-    if (o.has_cap) {
-      acc_t t = std::tanh(v * o.inv_cap);
-      f = t * o.cap_scale;
-      dfdz = (1 - t * t) * o.inv_temp;
-    } else {
-      f = v * o.inv_temp;
-      dfdz = o.inv_temp;
-    }
-    acc_t p = (f - lse < kLogProbCutoff) ? acc_t(0) : std::exp(f - lse);
-    acc_t gf = -g * p;
-    if (entropy && p > 0) gf -= ge * p * (f - ef);
-    acc_t gz = gf * dfdz;
-    if (db) db[j] += gz;
-    row[j] = gz;
-  }
-  if (tgt >= 0) {
-    row[tgt] += onehot;
-    if (db) db[tgt] += onehot;
-  }
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(row, out, n);
-}
-
 // Converts the GEMM output tile to acc_t (a no-op view when they match).
 template <typename scalar_t, typename acc_t>
 inline const acc_t* tile_as_acc(const at::Tensor& zt, at::Tensor& zacc, int64_t count) {
@@ -379,7 +198,14 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
                 "linear_logprobs: bias must be [V] = [", weight.size(0), "], got ",
                 bias->sizes());
   }
-  const int64_t V = weight.size(0);
+}
+
+// The per-element range scan, for callers that come past the ops layer (fastpref.ops scans once,
+// at the original row positions, and passes check_targets=false). Either way the kernels only
+// compare targets with their tile's column range and never use one as an address: a target
+// outside [0, V) reads nothing (its row's logp is NaN), so skipping the scan cannot read out of
+// bounds.
+void check_target_range(const at::Tensor& targets, int64_t V) {
   const int64_t* t = targets.const_data_ptr<int64_t>();  // caller made it contiguous
   for (int64_t i = 0; i < targets.size(0); ++i) {
     TORCH_CHECK(t[i] >= 0 && t[i] < V, "linear_logprobs: targets[", i, "] = ", t[i],
@@ -391,12 +217,12 @@ template <typename acc_t>
 LogitMap<acc_t> make_map(double temperature, double softcap) {
   TORCH_CHECK(temperature > 0, "linear_logprobs: temperature must be > 0, got ", temperature);
   TORCH_CHECK(softcap >= 0, "linear_logprobs: softcap must be > 0 (0 = off), got ", softcap);
-  LogitMap<acc_t> o;
-  o.inv_temp = acc_t(1.0 / temperature);
-  o.has_cap = softcap > 0;
-  o.inv_cap = o.has_cap ? acc_t(1.0 / softcap) : acc_t(0);
-  o.cap_scale = acc_t(softcap / temperature);
-  return o;
+  return make_logit_map<acc_t>(temperature, softcap);
+}
+
+// Column of target y inside the vocab tile [v0, v0 + vt), or -1 (no subtraction that overflows).
+inline int64_t tile_column(int64_t y, int64_t v0, int64_t vt) {
+  return (y >= v0 && y < v0 + vt) ? y - v0 : -1;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -409,7 +235,8 @@ void forward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tg
   const auto acc_opts = H.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   // per task row state: m, s, a
   at::Tensor state = at::empty({P, 3, N}, acc_opts);
-  at::Tensor tgt_f = at::empty({N}, acc_opts);  // mapped target logit, written by its owner task
+  // mapped target logit, written by the task that owns the target's tile (NaN: no tile does)
+  at::Tensor tgt_f = at::full({N}, std::numeric_limits<acc_t>::quiet_NaN(), acc_opts);
   const int64_t* t = tgt.const_data_ptr<int64_t>();
   const acc_t* b = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
   acc_t* tf = tgt_f.data_ptr<acc_t>();
@@ -439,8 +266,8 @@ void forward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tg
             const int64_t r = r0 + i;
             acc_t* row = za + i * vt;
             acc_t tmax = map_row_max(row, b ? b + v0 : nullptr, vt, o);
-            const int64_t c = t[r] - v0;
-            if (c >= 0 && c < vt) tf[r] = row[c];
+            const int64_t c = tile_column(t[r], v0, vt);
+            if (c >= 0) tf[r] = row[c];
             lse_update(row, vt, tmax, entropy, m[r], s[r], a[r]);
           }
         }
@@ -455,24 +282,9 @@ void forward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tg
   acc_t* en = entropy ? ent.data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, N, 2048, [&](int64_t r_begin, int64_t r_end) {
     for (int64_t r = r_begin; r < r_end; ++r) {
-      acc_t M = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t p = 0; p < P; ++p) M = nan_max(M, st[p * 3 * N + r]);
-      acc_t S = 0, A = 0;
-      if (std::isfinite(M)) {
-        for (int64_t p = 0; p < P; ++p) {
-          const acc_t mp = st[p * 3 * N + r], sp = st[p * 3 * N + N + r],
-                      ap = st[p * 3 * N + 2 * N + r];
-          if (sp > 0) {
-            const acc_t scale = std::exp(mp - M);
-            S += sp * scale;
-            A += scale * (ap + (mp - M) * sp);
-          }
-        }
-      }
-      const acc_t L = std::isfinite(M) ? M + std::log(S) : std::numeric_limits<acc_t>::quiet_NaN();
+      const acc_t L = merge_states(st + r, 3 * N, N, P, en ? en + r : nullptr);
       ls[r] = L;
       lp[r] = tf[r] - L;
-      if (en) en[r] = std::isfinite(L) ? std::log(S) - A / S : L;
     }
   });
 }
@@ -541,10 +353,9 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
           std::fill(gp + nb * vt, gp + nbp * vt, scalar_t(0));
           for (int64_t i = 0; i < nb; ++i) {
             const int64_t r = r0 + i;
-            const int64_t c = t[r] - v0;
             const acc_t lser = ls[r];
             grad_row<scalar_t, acc_t>(za + i * vt, b ? b + v0 : nullptr, vt, o,
-                                      (c >= 0 && c < vt) ? c : -1, gl ? gl[r] : acc_t(0),
+                                      tile_column(t[r], v0, vt), gl ? gl[r] : acc_t(0),
                                       entropy ? ge[r] : acc_t(0), lser,
                                       entropy ? lser - en[r] : acc_t(0), entropy,
                                       gp + i * vt, dbp ? dbp + v0 : nullptr, scratch.data());
@@ -616,11 +427,12 @@ at::Tensor as_acc(const std::optional<at::Tensor>& x, at::ScalarType acc) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    const std::optional<at::Tensor>& bias, double temperature, double softcap,
-    bool with_entropy) {
+    const std::optional<at::Tensor>& bias, double temperature, double softcap, bool with_entropy,
+    bool check_targets) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // a raw kernel: autograd lives in Python
   at::Tensor tgt = targets.contiguous();
   check_inputs(hidden, weight, tgt, bias);
+  if (check_targets) check_target_range(tgt, weight.size(0));
   at::Tensor H = hidden.detach().contiguous(), W = weight.detach().contiguous();
   const auto acc = H.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t N = H.size(0);
@@ -644,10 +456,11 @@ std::tuple<OptTensor, OptTensor, OptTensor> linear_logprobs_bwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     const std::optional<at::Tensor>& bias, const at::Tensor& lse,
     const std::optional<at::Tensor>& entropy, double temperature, double softcap,
-    bool need_hidden, bool need_weight, bool need_bias) {
+    bool need_hidden, bool need_weight, bool need_bias, bool check_targets) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   at::Tensor tgt = targets.contiguous();
   check_inputs(hidden, weight, tgt, bias);
+  if (check_targets) check_target_range(tgt, weight.size(0));
   const int64_t N = hidden.size(0);
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N, "linear_logprobs_bwd: lse must be [N] = [", N,
               "], got ", lse.sizes());
@@ -691,12 +504,13 @@ std::tuple<OptTensor, OptTensor, OptTensor> linear_logprobs_bwd(
 TORCH_LIBRARY_FRAGMENT(fastpref_C, m) {
   m.def(
       "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
-      "float temperature, float softcap, bool with_entropy) -> (Tensor, Tensor, Tensor)");
+      "float temperature, float softcap, bool with_entropy, bool check_targets=True) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "linear_logprobs_bwd(Tensor? grad_logp, Tensor? grad_entropy, Tensor hidden, "
       "Tensor weight, Tensor targets, Tensor? bias, Tensor lse, Tensor? entropy, "
-      "float temperature, float softcap, bool need_hidden, bool need_weight, bool need_bias) "
-      "-> (Tensor?, Tensor?, Tensor?)");
+      "float temperature, float softcap, bool need_hidden, bool need_weight, bool need_bias, "
+      "bool check_targets=True) -> (Tensor?, Tensor?, Tensor?)");
 }
 
 TORCH_LIBRARY_IMPL(fastpref_C, CPU, m) {

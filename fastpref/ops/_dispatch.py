@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterable
 
 import torch
 
@@ -42,14 +43,17 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
 
 
 def select_backend(
-    op: str, device: torch.device, requested: str | None, supported: tuple[str, ...]
+    op: str, device: torch.device, requested: str | None, supported: Iterable[str]
 ) -> str:
-    """Return the backend ``op`` runs with on ``device``.
+    """Return the name of the backend ``op`` runs with on ``device``.
 
-    ``supported`` lists the backends this op implements. An explicit ``requested`` backend the op
-    does not implement is an error; one set through ``FASTPREF_BACKEND`` that the op lacks is
-    ignored with a warning (the variable applies to every op, not all of which have every backend).
+    ``supported`` names the backends this op implements: every op passes its ``BACKENDS`` table
+    (backend name -> implementation) and then calls ``BACKENDS[name]``. An explicit ``requested``
+    backend the op does not implement is an error; one set through ``FASTPREF_BACKEND`` that the
+    op lacks is ignored with a warning (the variable applies to every op, not all of which have
+    every backend).
     """
+    supported = tuple(supported)
     from_env = False
     if requested is None:
         requested = os.environ.get(ENV_VAR) or None

@@ -14,12 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastpref.constants import accumulation_dtype
+
 CHUNK = 4096  # vocab columns per chunk: [N, 4096] fp32 tiles keep the GEMMs large on any device
-
-
-def acc_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the epilogue and the outputs use: float64 for float64, float32 otherwise."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _map_logits(
@@ -49,7 +46,7 @@ def chunked_fwd(
     with_entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(logp[N], lse[N], entropy[N] or None) in the accumulation dtype."""
-    acc = acc_dtype(hidden)
+    acc = accumulation_dtype(hidden.dtype)
     N, V = hidden.shape[0], weight.shape[0]
     lse = hidden.new_full((N,), float("-inf"), dtype=acc)
     ent = hidden.new_zeros((N,), dtype=acc) if with_entropy else None
@@ -101,7 +98,7 @@ def chunked_bwd(
     With p = softmax(f): d logp / d f = onehot - p and d entropy / d f = -p (f - E_p f),
     E_p f = lse - entropy; chained through df/dz. dH and db accumulate in fp32 (fp64).
     """
-    acc = acc_dtype(hidden)
+    acc = accumulation_dtype(hidden.dtype)
     N, V = hidden.shape[0], weight.shape[0]
     g = grad_logp.to(acc) if grad_logp is not None else hidden.new_zeros((N,), dtype=acc)
     dh = hidden.new_zeros(hidden.shape, dtype=acc) if need_hidden else None

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastpref.ops.linear_logprobs import linear_logprobs
+from fastpref.constants import accumulation_dtype
+from fastpref.ops._dispatch import select_backend
+from fastpref.ops.linear_logprobs import run_logprobs
 
 __all__ = ["infonce", "infonce_reference"]
 
@@ -31,7 +33,8 @@ class _Options:
     temperature: float
     symmetric: bool
     group_size: int | None  # set: group-only softmax over each query's own G passages
-    backend: str | None  # passed to linear_logprobs
+    backend: str  # the resolved backend, passed on to linear_logprobs' kernels
+    pos_checked: bool  # positive_index was range-checked here (not under torch.compile)
 
 
 def infonce(
@@ -97,8 +100,9 @@ def infonce(
             ``loss = infonce(...).mean()`` on each of W ranks and DDP's gradient averaging, the
             parameter gradients equal those of the global-batch mean. Ranks may hold different
             B and M (padded internally). Every rank must call it (a collective).
-        backend: passed to ``linear_logprobs`` ("chunked", "cpu", "triton", ...), or
-            "reference" for the materialising ``infonce_reference`` path. Default: by device.
+        backend: a key of ``BACKENDS``: "chunked" | "cpu" | "triton" (``linear_logprobs``'
+            kernels) or "reference" (the materialising ``infonce_reference`` path). Default: by
+            device (env ``FASTPREF_BACKEND`` overrides), picked once for both directions.
 
     Returns:
         ``[B]`` float32 (float64 for float64 inputs) loss per local query; the caller reduces.
@@ -106,9 +110,11 @@ def infonce(
     q, p, pos, G = _prepare(
         queries, passages, positive_index, temperature, symmetric, normalize, group_size, in_batch
     )
-    rows = _materialised_rows if backend == "reference" else _fused_rows
+    chosen = select_backend("infonce", queries.device, backend, BACKENDS)
+    rows = BACKENDS[chosen]
     # Group-only: each softmax spans G passages; B·G scores are cheap to materialise.
-    opts = _Options(temperature, symmetric, None if in_batch else G, backend)
+    checked = not torch.compiler.is_compiling()  # _prepare checked positive_index eagerly
+    opts = _Options(temperature, symmetric, None if in_batch else G, chosen, checked)
     if not in_batch:
         return rows(q, p, pos, q, 0, opts)
     q_all, q_offset, p_all, p_offset = q, 0, p, 0
@@ -144,7 +150,7 @@ def infonce_reference(
     q, p, pos, G = _prepare(
         queries, passages, positive_index, temperature, symmetric, normalize, group_size, in_batch
     )
-    opts = _Options(temperature, symmetric, None if in_batch else G, None)
+    opts = _Options(temperature, symmetric, None if in_batch else G, "reference", True)
     return _materialised_rows(q, p, pos, q, 0, opts)
 
 
@@ -159,16 +165,17 @@ def _fused_rows(
     tau, group_size = o.temperature, o.group_size
     if group_size is not None:  # group-only softmax, [B, G] scores
         B, D = q.shape
-        acc = _acc_dtype(q.dtype)
+        acc = accumulation_dtype(q.dtype)
         scores = torch.einsum("bd,bgd->bg", q.to(acc), p.to(acc).view(B, group_size, D)) / tau
         local = (pos - torch.arange(B, device=pos.device) * group_size)[:, None]
         return torch.logsumexp(scores, dim=-1) - scores.gather(1, local).squeeze(1)
-    loss = -linear_logprobs(q, p, pos, temperature=tau, backend=o.backend)
+    # positive_index was checked once (by _prepare, or by the op under torch.compile)
+    kw = dict(backend=o.backend, temperature=tau)
+    loss = -run_logprobs("linear_logprobs", q, p, pos, targets_checked=o.pos_checked, **kw)[0]
     if o.symmetric:  # the positives against every query: B×B_all, never materialised either
-        labels = torch.arange(q.shape[0], device=q.device) + q_offset
-        loss = 0.5 * (
-            loss - linear_logprobs(p[pos], q_all, labels, temperature=tau, backend=o.backend)
-        )
+        labels = torch.arange(q.shape[0], device=q.device) + q_offset  # in range by construction
+        back = run_logprobs("linear_logprobs", p[pos], q_all, labels, targets_checked=True, **kw)
+        loss = 0.5 * (loss - back[0])
     return loss
 
 
@@ -177,7 +184,7 @@ def _materialised_rows(
 ) -> Tensor:
     """``_fused_rows`` through the full similarity matrices."""
     tau, group_size = o.temperature, o.group_size
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     logits = (q @ p.T).to(acc) / tau  # [B, M]
     if group_size is not None:
         B, M = logits.shape
@@ -192,8 +199,11 @@ def _materialised_rows(
     return loss
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+# backend name -> the rows computation (the fused ones differ only in linear_logprobs' kernel)
+BACKENDS = {
+    "reference": _materialised_rows,
+    **dict.fromkeys(("chunked", "cpu", "triton"), _fused_rows),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +286,7 @@ def _prepare(
 
     q, p = queries, passages
     if normalize:  # in at least float32, then back to the input dtype for the kernel
-        acc = _acc_dtype(q.dtype)
+        acc = accumulation_dtype(q.dtype)
         q = F.normalize(q.to(acc), dim=-1).to(q.dtype)
         p = F.normalize(p.to(acc), dim=-1).to(p.dtype)
     return q, p, pos, group_size
@@ -331,7 +341,7 @@ class _AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        total = grad.to(_acc_dtype(grad.dtype)).contiguous().clone()
+        total = grad.to(accumulation_dtype(grad.dtype)).contiguous().clone()
         torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])
         return total[start : start + ctx.sizes[ctx.rank]].to(grad.dtype), None, None

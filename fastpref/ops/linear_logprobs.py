@@ -8,10 +8,17 @@ whose target is ``ignore_index`` are dropped before any GEMM, rows x vocab tiles
 log-sum-exp, only ``lse`` saved, and a backward that recomputes each tile.
 
 Layers (STYLE.md): ``linear_logprobs_reference`` (materialises the logits, ground truth);
-backends on compacted rows -- ``chunked`` (PyTorch, ``_linear_logprobs_chunked``), ``cpu``
-(``csrc/cpu/linear_logprobs.cpp``), ``triton`` (``fastpref.kernels.linear_logprobs``); the
-``torch.library`` ops ``fastpref::linear_logprobs_fwd/_bwd`` (compaction, target checks, backend
-call, scatter back; opaque to torch.compile); the autograd Function; the public functions.
+kernels on compacted rows (``_IMPLS``) -- ``chunked`` (PyTorch, ``_linear_logprobs_chunked``),
+``cpu`` (``csrc/cpu/linear_logprobs.cpp``), ``triton`` (``fastpref.kernels.linear_logprobs``); the
+``torch.library`` ops ``fastpref::linear_logprobs_fwd/_bwd`` (compaction, the target check,
+kernel call, scatter back; opaque to torch.compile); the autograd Function; ``BACKENDS`` (backend
+name -> implementation, picked by one ``select_backend`` call); the public functions.
+
+Targets are range-checked once per call, before any memory is touched: by ``check_labels`` in the
+forward op (at the caller's row positions, so also under torch.compile), or earlier by a caller
+that names positions in its own layout (``sequence_logprobs``, ``infonce``) and says so with
+``targets_checked=True``. The backward op reuses the forward's targets unchecked, and no
+kernel scans them again: the kernels only compare a target with their tile's column range.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastpref.constants import IGNORE_INDEX, accumulation_dtype
 from fastpref.ops._dispatch import select_backend
-from fastpref.ops._linear_logprobs_chunked import acc_dtype, chunked_bwd, chunked_fwd
+from fastpref.ops._linear_logprobs_kernels import KERNELS as _IMPLS
 
 __all__ = [
     "linear_logprobs",
@@ -33,7 +41,6 @@ __all__ = [
     "linear_entropy_reference",
 ]
 
-BACKENDS = ("reference", "chunked", "cpu", "triton")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -41,11 +48,12 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 class LogitOptions:
     """Non-tensor options of one call; travels through the autograd Function as one value."""
 
-    ignore_index: int = -100  # target value of rows that get logp = 0 and no gradient
+    ignore_index: int = IGNORE_INDEX  # target value of rows that get logp = 0 and no gradient
     temperature: float = 1.0  # logits are divided by it (after the softcap)
     softcap: float | None = None  # softcap * tanh(z / softcap) when set
     with_entropy: bool = False  # also compute the per-row entropy
     backend: str = "chunked"  # a resolved backend name (never None)
+    targets_checked: bool = False  # the caller already ran check_labels on these targets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,11 +82,8 @@ def linear_logprobs_reference(
     softcap: float | None = None,
 ) -> Tensor:
     """``linear_logprobs`` in plain PyTorch; materialises the N x V logits (tests only)."""
-    _kept_rows(targets, ignore_index, weight.shape[0])  # the same ValueError as the fused path
-    keep = targets != ignore_index
-    logp = _reference_logits(hidden, weight, bias, temperature, softcap).log_softmax(-1)
-    picked = logp.gather(-1, torch.where(keep, targets, 0)[:, None])[:, 0]
-    return torch.where(keep, picked, 0.0)
+    opts = LogitOptions(ignore_index, temperature, softcap)
+    return _materialised(hidden, weight, targets, bias, opts)[0]
 
 
 def linear_entropy_reference(
@@ -92,67 +97,34 @@ def linear_entropy_reference(
     softcap: float | None = None,
 ) -> Tensor:
     """``linear_entropy`` in plain PyTorch; materialises the N x V logits (tests only)."""
-    _kept_rows(targets, ignore_index, weight.shape[0])
-    z = _reference_logits(hidden, weight, bias, temperature, softcap)
-    ent = torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1)
-    return torch.where(targets != ignore_index, ent, 0.0)
+    opts = LogitOptions(ignore_index, temperature, softcap, with_entropy=True)
+    return _materialised(hidden, weight, targets, bias, opts)[1]
 
 
-# ----------------------------------------------------------------------------------------------
-# backends on compacted rows: fwd -> (logp, lse, entropy | None), bwd -> (dH, dW, db) | None
+def check_labels(
+    labels: Tensor, vocab: int, ignore_index: int, caller: str, *, name: str = "labels"
+) -> None:
+    """ValueError naming the first ``labels[...]`` outside ``[0, vocab)`` that is not ignored.
 
-
-def _cpu_fwd(h, w, t, b, temperature, softcap, with_entropy):
-    logp, lse, ent = torch.ops.fastpref_C.linear_logprobs_fwd(
-        h, w, t, b, temperature, softcap or 0.0, with_entropy
-    )
-    return logp, lse, (ent if with_entropy else None)
-
-
-def _cpu_bwd(g, ge, h, w, t, b, lse, ent, temperature, softcap, nh, nw, nb):
-    return torch.ops.fastpref_C.linear_logprobs_bwd(
-        g, ge, h, w, t, b, lse, ent, temperature, softcap or 0.0, nh, nw, nb
-    )
-
-
-def _triton_fwd(h, w, t, b, temperature, softcap, with_entropy):
-    if with_entropy:  # the Triton launcher computes log-probs only
-        return chunked_fwd(h, w, t, b, temperature, softcap, with_entropy)
-    from fastpref.kernels.linear_logprobs import linear_logprobs_fwd
-
-    logp, lse = linear_logprobs_fwd(h, w, t, b, temperature, softcap)
-    return logp, lse, None
-
-
-def _triton_bwd(g, ge, h, w, t, b, lse, ent, temperature, softcap, nh, nw, nb):
-    if ge is not None or g is None:
-        return chunked_bwd(g, ge, h, w, t, b, lse, ent, temperature, softcap, nh, nw, nb)
-    from fastpref.kernels.linear_logprobs import linear_logprobs_bwd
-
-    return linear_logprobs_bwd(g.float(), h, w, t, b, lse.float(), temperature, softcap, nh, nw, nb)
-
-
-_IMPLS = {
-    "chunked": (chunked_fwd, chunked_bwd),
-    "cpu": (_cpu_fwd, _cpu_bwd),
-    "triton": (_triton_fwd, _triton_bwd),
-}
+    The one range scan of linear_logprobs' targets (any shape; the position is named in the
+    tensor's own indices, e.g. ``labels[b, t]``); everything below it trusts the targets.
+    """
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        at = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{caller}: {name}[{', '.join(map(str, at))}] = {int(labels[at])} is outside "
+            f"[0, {vocab}) and is not ignore_index={ignore_index}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # torch.library ops: full-size inputs in, full-size outputs out (ignored rows are zeros)
 
 
-def _kept_rows(targets: Tensor, ignore_index: int, V: int) -> Tensor | None:
-    """Indices of the non-ignored rows (None when every row is kept); checks every target."""
+def _kept_rows(targets: Tensor, ignore_index: int) -> Tensor | None:
+    """Indices of the non-ignored rows (None when every row is kept)."""
     keep = targets != ignore_index
-    bad = keep & ((targets < 0) | (targets >= V))
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"linear_logprobs: targets[{i}] = {int(targets[i])} is outside [0, {V}) and is not "
-            f"ignore_index={ignore_index}"
-        )
     if bool(keep.all()):
         return None
     return keep.nonzero()[:, 0]
@@ -179,11 +151,17 @@ def _fwd_op(
     softcap: float | None,
     with_entropy: bool,
     backend: str,
+    targets_checked: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp[N], lse[N], entropy[N] or [0]) in fp32 (fp64 for fp64); 0 on ignored rows."""
-    acc = acc_dtype(hidden)
+    """(logp[N], lse[N], entropy[N] or [0]) in fp32 (fp64 for fp64); 0 on ignored rows.
+
+    Checks the targets unless ``targets_checked`` (the caller ran ``check_labels``).
+    """
+    acc = accumulation_dtype(hidden.dtype)
     N = hidden.shape[0]
-    rows = _kept_rows(targets, ignore_index, weight.shape[0])
+    if not targets_checked:
+        check_labels(targets, weight.shape[0], ignore_index, "linear_logprobs", name="targets")
+    rows = _kept_rows(targets, ignore_index)
     logp = hidden.new_zeros((N,), dtype=acc)
     lse = hidden.new_zeros((N,), dtype=acc)
     ent = hidden.new_zeros((N if with_entropy else 0,), dtype=acc)
@@ -201,8 +179,9 @@ def _fwd_op(
 
 
 @_fwd_op.register_fake
-def _(hidden, weight, targets, bias, ignore_index, temperature, softcap, with_entropy, backend):
-    acc = acc_dtype(hidden)
+def _(hidden, weight, targets, bias, ignore_index, temperature, softcap, with_entropy, backend,
+      targets_checked=False):  # fmt: skip
+    acc = accumulation_dtype(hidden.dtype)
     N = hidden.shape[0]
     return (
         hidden.new_empty((N,), dtype=acc),
@@ -229,9 +208,12 @@ def _bwd_op(
     need_bias: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dH, dW, db); a gradient that is not needed comes back as an empty [0] tensor."""
+    """(dH, dW, db); a gradient that is not needed comes back as an empty [0] tensor.
+
+    ``targets`` are the forward's, which checked them; they are not scanned again.
+    """
     N = hidden.shape[0]
-    rows = _kept_rows(targets, ignore_index, weight.shape[0])
+    rows = _kept_rows(targets, ignore_index)
     n_kept = N if rows is None else rows.numel()
     dh = dw = db = None
     if n_kept > 0:
@@ -285,7 +267,7 @@ class _LinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, bias, opts: LogitOptions):
         logp, lse, ent = torch.ops.fastpref.linear_logprobs_fwd(
             hidden, weight, targets, bias, opts.ignore_index, opts.temperature, opts.softcap,
-            opts.with_entropy, opts.backend,
+            opts.with_entropy, opts.backend, opts.targets_checked,
         )  # fmt: skip
         ctx.opts = opts
         ctx.save_for_backward(hidden, weight, targets, bias, lse, ent)
@@ -311,16 +293,37 @@ class _LinearLogprobs(torch.autograd.Function):
         )
 
 
-def _run(hidden, weight, targets, bias, opts: LogitOptions) -> tuple[Tensor, Tensor]:
+# ----------------------------------------------------------------------------------------------
+# backends: name -> (hidden, weight, targets, bias, opts) -> (logp[N], entropy[N] or [0])
+
+
+def _fused(hidden, weight, targets, bias, opts: LogitOptions) -> tuple[Tensor, Tensor]:
+    """The tiled kernels ``_IMPLS[opts.backend]`` through the registered ops."""
     tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return _LinearLogprobs.apply(hidden, weight, targets, bias, opts)
     # no graph to build (e.g. a reference model under torch.no_grad): nothing is saved
     logp, _, ent = torch.ops.fastpref.linear_logprobs_fwd(
         hidden, weight, targets, bias, opts.ignore_index, opts.temperature, opts.softcap,
-        opts.with_entropy, opts.backend,
+        opts.with_entropy, opts.backend, opts.targets_checked,
     )  # fmt: skip
     return logp, ent
+
+
+def _materialised(hidden, weight, targets, bias, opts: LogitOptions) -> tuple[Tensor, Tensor]:
+    """The reference: the N x V logits in memory (checks the targets unless already checked)."""
+    if not opts.targets_checked:
+        check_labels(targets, weight.shape[0], opts.ignore_index, "linear_logprobs", name="targets")
+    keep = targets != opts.ignore_index
+    z = _reference_logits(hidden, weight, bias, opts.temperature, opts.softcap)
+    if opts.with_entropy:
+        ent = torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1)
+        return z.new_zeros((0,)), torch.where(keep, ent, 0.0)
+    picked = z.log_softmax(-1).gather(-1, torch.where(keep, targets, 0)[:, None])[:, 0]
+    return torch.where(keep, picked, 0.0), z.new_zeros((0,))
+
+
+BACKENDS = {"reference": _materialised, **dict.fromkeys(_IMPLS, _fused)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,10 +372,32 @@ def _check(
         raise ValueError(f"{name}: softcap must be > 0 or None; got {softcap}")
 
 
-def _options(name, hidden, backend, ignore_index, temperature, softcap, with_entropy):
+def run_logprobs(
+    name: str,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    *,
+    backend: str | None,
+    ignore_index: int = IGNORE_INDEX,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    with_entropy: bool = False,
+    targets_checked: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """(logp[N], entropy[N] or [0]): the argument checks, one ``select_backend``, the backend.
+
+    The public functions and the ops built on this one (``sequence_logprobs``, ``infonce``) call
+    it; those may check the targets themselves and pass ``targets_checked=True``.
+    """
+    _check(name, hidden, weight, targets, bias, temperature, softcap)
     chosen = select_backend(name, hidden.device, backend, BACKENDS)
     softcap = None if softcap is None else float(softcap)
-    return LogitOptions(int(ignore_index), float(temperature), softcap, with_entropy, chosen)
+    opts = LogitOptions(
+        int(ignore_index), float(temperature), softcap, with_entropy, chosen, targets_checked
+    )
+    return BACKENDS[chosen](hidden, weight, targets, bias, opts)
 
 
 def linear_logprobs(
@@ -408,14 +433,10 @@ def linear_logprobs(
         backend: "reference" | "chunked" | "cpu" | "triton"; default by device (env
             ``FASTPREF_BACKEND`` overrides).
     """
-    _check("linear_logprobs", hidden, weight, targets, bias, temperature, softcap)
-    opts = _options("linear_logprobs", hidden, backend, ignore_index, temperature, softcap, False)
-    if opts.backend == "reference":
-        return linear_logprobs_reference(
-            hidden, weight, targets, bias,
-            ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-        )  # fmt: skip
-    return _run(hidden, weight, targets, bias, opts)[0]
+    return run_logprobs(
+        "linear_logprobs", hidden, weight, targets, bias, backend=backend,
+        ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+    )[0]  # fmt: skip
 
 
 def linear_entropy(
@@ -438,25 +459,10 @@ def linear_entropy(
     form keeps ``sum exp(z - m) (z - m)`` so no two large numbers cancel. The ``triton`` backend
     computes it with the chunked PyTorch code (its kernels do log-probs only).
     """
-    _check("linear_entropy", hidden, weight, targets, bias, temperature, softcap)
-    opts = _options("linear_entropy", hidden, backend, ignore_index, temperature, softcap, True)
-    if opts.backend == "reference":
-        return linear_entropy_reference(
-            hidden, weight, targets, bias,
-            ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-        )  # fmt: skip
-    return _run(hidden, weight, targets, bias, opts)[1]
-
-
-def check_labels(labels: Tensor, vocab: int, ignore_index: int, caller: str) -> None:
-    """ValueError naming the first ``labels[b, t]`` outside ``[0, vocab)`` that is not ignored."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        b, t = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{caller}: labels[{b}, {t}] = {int(labels[b, t])} is outside "
-            f"[0, {vocab}) and is not ignore_index={ignore_index}"
-        )
+    return run_logprobs(
+        "linear_entropy", hidden, weight, targets, bias, backend=backend,
+        ignore_index=ignore_index, temperature=temperature, softcap=softcap, with_entropy=True,
+    )[1]  # fmt: skip
 
 
 def sequence_logprobs(
@@ -485,13 +491,17 @@ def sequence_logprobs(
             f"{tuple(hidden.shape)} and labels {tuple(labels.shape)}"
         )
     B, T, D = hidden.shape
-    if not torch.compiler.is_compiling():  # name the (b, t) of a bad label; the op rechecks
+    # The one target check: here in eager mode, naming the (b, t) of a bad label; under
+    # torch.compile (a data-dependent branch would break the graph) the op does it.
+    checked = not torch.compiler.is_compiling()
+    if checked:
         V = weight.shape[0] if weight.dim() == 2 else 0
         check_labels(labels, V, ignore_index, "sequence_logprobs")
-    logp = linear_logprobs(
-        hidden.reshape(B * T, D), weight, labels.reshape(B * T), bias,
-        ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
-    ).view(B, T)  # fmt: skip
+    logp = run_logprobs(
+        "linear_logprobs", hidden.reshape(B * T, D), weight, labels.reshape(B * T), bias,
+        backend=backend, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+        targets_checked=checked,
+    )[0].view(B, T)  # fmt: skip
     total = logp.sum(1)
     if not average:
         return total

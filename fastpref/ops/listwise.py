@@ -35,18 +35,18 @@ while the saved gradient is no bigger than ``scores`` itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastpref.constants import accumulation_dtype
 from fastpref.ops._dispatch import select_backend
 
 KINDS = {"ranknet": 0, "lambda": 1, "listnet": 2, "listmle": 3, "lipo": 4}  # = listwise_math.h
 PAIRWISE_KINDS = ("ranknet", "lambda", "lipo")
 WEIGHTINGS = {None: 0, "first": 1}
-BACKENDS = ("reference", "chunked", "cpu", "triton", "cuda")
 CUDA_MAX_K = 1024  # one CUDA block per list, one thread per item
 CHUNK_PAIRS = 1 << 20  # the chunked backend materialises at most this many pairs at a time
 
@@ -58,10 +58,7 @@ class ListwiseParams:
     kind: str
     weighting: str | None = None
     sigma: float = 1.0
-
-
-def _acc_dtype(scores: Tensor) -> torch.dtype:
-    return torch.float64 if scores.dtype == torch.float64 else torch.float32
+    backend: str = "reference"  # a resolved backend name (never None)
 
 
 def _check(scores: Tensor, relevance: Tensor, mask: Tensor | None, p: ListwiseParams) -> None:
@@ -143,13 +140,13 @@ def listwise_loss_reference(
     mask = _as_mask(mask)
     _check_relevance_values(relevance, mask)
     B, K = scores.shape
-    wdt = _acc_dtype(scores)
+    wdt = accumulation_dtype(scores.dtype)
     rel = relevance.detach().to(wdt)
     real = torch.ones_like(rel, dtype=torch.bool) if mask is None else mask
     real = real & (real.sum(-1, keepdim=True) >= 2)  # lists with < 2 real items: no term at all
     z = scores * p.sigma  # [B, K]
     fill = torch.finfo(z.dtype).min  # exp(fill - anything finite) == 0, and no -inf - -inf NaN
-    out = _acc_dtype(scores)
+    out = accumulation_dtype(scores.dtype)
     if kind == "listnet":
         logq = torch.log_softmax(z.masked_fill(~real, fill), -1)
         target = torch.softmax(rel.masked_fill(~real, torch.finfo(wdt).min), -1)
@@ -211,7 +208,7 @@ def _chunked_forward(scores: Tensor, rel: Tensor, mask: Tensor | None, p: Listwi
 class _ChunkedListwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores: Tensor, relevance: Tensor, mask: Tensor | None, p: ListwiseParams):
-        acc = _acc_dtype(scores)
+        acc = accumulation_dtype(scores.dtype)
         loss, grad = _chunked_forward(scores.detach().to(acc), relevance.to(acc), mask, p)
         ctx.save_for_backward(grad)
         ctx.scores_dtype = scores.dtype
@@ -221,6 +218,30 @@ class _ChunkedListwise(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         (grad,) = ctx.saved_tensors
         return (grad_loss[:, None] * grad).to(ctx.scores_dtype), None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# fused kernels behind the registered op: (scores, relevance, mask, kind, weighting, sigma) ->
+# (loss[B], d loss/d scores [B, K]) in the accumulation dtype
+
+
+def _native_fwd(s, r, m, kind, weighting, sigma):  # csrc/cpu/listwise.cpp, csrc/cuda/listwise.cu
+    return torch.ops.fastpref_C.listwise_fwd(s, r, m, kind, weighting, sigma)
+
+
+def _itemwise_fwd(s, r, m, kind, weighting, sigma):  # tests: the CUDA schedule, on the CPU
+    return torch.ops.fastpref_C.listwise_fwd_itemwise(s, r, m, kind, weighting, sigma)
+
+
+def _triton_fwd(s, r, m, kind, weighting, sigma):
+    from fastpref.kernels.listwise import listwise_fwd
+
+    loss, grad = listwise_fwd(s.float(), r.float(), m, kind, weighting, sigma)
+    return loss.to(s.dtype), grad.to(s.dtype)
+
+
+_IMPLS = {"cpu": _native_fwd, "cuda": _native_fwd, "triton": _triton_fwd, "itemwise": _itemwise_fwd}
+_CHECKS_RELEVANCE = ("cpu", "itemwise")  # the C++ CPU kernel checks relevance while it reads it
 
 
 @torch.library.custom_op("fastpref::listwise_fwd", mutates_args=(), device_types=None)
@@ -234,27 +255,20 @@ def _listwise_fwd(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Fused forward: (loss[B], d loss/d scores [B, K]) in float32 (float64 for float64 scores)."""
-    acc = _acc_dtype(scores)
-    if backend not in ("cpu", "itemwise"):  # the C++ CPU kernel checks while it reads them
+    if backend not in _IMPLS:
+        raise ValueError(f"listwise_loss: backend {backend!r} has no fused forward")
+    if backend not in _CHECKS_RELEVANCE:
         _check_relevance_values(relevance, mask)
+    acc = accumulation_dtype(scores.dtype)
     s = scores.to(acc).contiguous()
     r = relevance.to(acc).contiguous()
     m = None if mask is None else mask.contiguous()
-    if backend == "triton":
-        from fastpref.kernels.listwise import listwise_fwd
-
-        loss, grad = listwise_fwd(s.float(), r.float(), m, kind, weighting, sigma)
-        return loss.to(acc), grad.to(acc)
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fastpref_C.listwise_fwd(s, r, m, kind, weighting, sigma)
-    if backend == "itemwise":  # tests: the CUDA kernels' per-item schedule, run on the CPU
-        return torch.ops.fastpref_C.listwise_fwd_itemwise(s, r, m, kind, weighting, sigma)
-    raise ValueError(f"listwise_loss: backend {backend!r} has no fused forward")
+    return _IMPLS[backend](s, r, m, kind, weighting, sigma)
 
 
 @_listwise_fwd.register_fake
 def _(scores, relevance, mask, kind, weighting, sigma, backend):
-    acc = _acc_dtype(scores)
+    acc = accumulation_dtype(scores.dtype)
     B, K = scores.shape
     return scores.new_empty((B,), dtype=acc), scores.new_empty((B, K), dtype=acc)
 
@@ -273,6 +287,36 @@ def _backward(ctx, grad_loss: Tensor | None, _grad_of_grad: Tensor | None):
 
 
 _listwise_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# backends: name -> (scores, relevance, mask, params) -> loss [B]
+
+
+def _materialised(scores: Tensor, relevance: Tensor, mask: Tensor | None, p: ListwiseParams):
+    return listwise_loss_reference(
+        scores, relevance, mask, kind=p.kind, weighting=p.weighting, sigma=p.sigma
+    )
+
+
+def _chunked(scores: Tensor, relevance: Tensor, mask: Tensor | None, p: ListwiseParams):
+    _check_relevance_values(relevance, mask)
+    return _ChunkedListwise.apply(scores, relevance, mask, p)
+
+
+def _fused(scores: Tensor, relevance: Tensor, mask: Tensor | None, p: ListwiseParams):
+    """The kernels ``_IMPLS[p.backend]`` through the registered op."""
+    if p.backend == "cuda":
+        _check_cuda_limit(scores.shape[1])
+    codes = (KINDS[p.kind], WEIGHTINGS[p.weighting], p.sigma)
+    return _listwise_fwd(scores, relevance, mask, *codes, p.backend)[0]
+
+
+BACKENDS = {
+    "reference": _materialised,
+    "chunked": _chunked,
+    **dict.fromkeys(("cpu", "triton", "cuda"), _fused),
+}
 
 
 def listwise_loss(
@@ -297,18 +341,5 @@ def listwise_loss(
     """
     p = ListwiseParams(kind, weighting, float(sigma))
     _check(scores, relevance, mask, p)
-    mask = _as_mask(mask)
-    chosen = select_backend("listwise_loss", scores.device, backend, BACKENDS)
-    if chosen == "reference":
-        return listwise_loss_reference(
-            scores, relevance, mask, kind=kind, weighting=weighting, sigma=p.sigma
-        )
-    if chosen == "chunked":
-        _check_relevance_values(relevance, mask)
-        return _ChunkedListwise.apply(scores, relevance, mask, p)
-    if chosen == "cuda":
-        _check_cuda_limit(scores.shape[1])
-    loss, _ = _listwise_fwd(
-        scores, relevance, mask, KINDS[kind], WEIGHTINGS[weighting], p.sigma, chosen
-    )
-    return loss
+    p = replace(p, backend=select_backend("listwise_loss", scores.device, backend, BACKENDS))
+    return BACKENDS[p.backend](scores, relevance, _as_mask(mask), p)

@@ -28,8 +28,9 @@ def _own_process_group():
     """The trainer joins a one-rank gloo group; leave no group or env vars behind for others."""
     env = dict(os.environ)
     yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    from fastpref.train.engine import shutdown_distributed
+
+    shutdown_distributed()
     os.environ.clear()
     os.environ.update(env)
 

@@ -203,6 +203,15 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group so that a later :func:`init_distributed` in this process starts
+    afresh (DeepSpeed's cached groups are released with it)."""
+    if torch.distributed.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config: ``--deepspeed`` file with its ``"auto"`` values filled from flags,
     or one built from the flags."""

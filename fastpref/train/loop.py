@@ -30,7 +30,7 @@ from fastpref.train.engine import (
 from fastpref.train.reference import prepare_reference
 from fastpref.train.runlog import RunLog
 from fastpref.train.save import save_final
-from fastpref.train.step import StepRecord, run_step
+from fastpref.train.step import run_step
 
 __all__ = ["train"]
 
@@ -110,6 +110,37 @@ def _stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     return out
 
 
+def _open_run(cfg: TrainConfig, dist: Dist) -> tuple[Path, str | None]:
+    """The run directory (with its config.json) and the checkpoint to resume from, if any."""
+    out_dir = _output_dir(cfg, dist)
+    ckpt_dir = out_dir / "checkpoints"
+    if not cfg.resume and latest_checkpoint(ckpt_dir) is not None:
+        raise ConfigError(
+            f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
+            "or choose another --output-dir (nothing is overwritten)"
+        )
+    if dist.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    return out_dir, latest_checkpoint(ckpt_dir) if cfg.resume else None
+
+
+def _resume(engine, cfg: TrainConfig, ckpt_dir: Path, tag: str | None, data_order, rank, say):
+    """Load checkpoint ``tag`` (if any) and return the step it reached."""
+    if tag is None:
+        if cfg.resume:
+            say(f"--resume: no complete checkpoint in {ckpt_dir}, starting from step 0")
+        return 0
+    client = load_checkpoint(engine, ckpt_dir, tag, rank)
+    if client.get("data_order") != data_order:  # another batch or seed: not the same run
+        raise ConfigError(
+            f"--resume: {ckpt_dir / tag} was written with (global batch, seed, train "
+            f"examples) = {client.get('data_order')}, this run has {data_order}"
+        )
+    say(f"resumed from {ckpt_dir / tag} at step {client['step']}")
+    return client["step"]
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run one training job; returns the summary also written to ``<output_dir>/summary.json``."""
     t_start = time.perf_counter()
@@ -124,19 +155,8 @@ def train(cfg: TrainConfig) -> dict:
     from deepspeed.accelerator import get_accelerator
 
     dist = Dist(torch.device(get_accelerator().current_device_name()), rank, world_size)
-    is_main = rank == 0
-    say = print if is_main else (lambda *a, **k: None)
-    out_dir = _output_dir(cfg, dist)
-    ckpt_dir = out_dir / "checkpoints"
-    resume_tag = latest_checkpoint(ckpt_dir) if cfg.resume else None
-    if not cfg.resume and latest_checkpoint(ckpt_dir) is not None:
-        raise ConfigError(
-            f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
-            "or choose another --output-dir (nothing is overwritten)"
-        )
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    say = print if rank == 0 else (lambda *a, **k: None)
+    out_dir, resume_tag = _open_run(cfg, dist)
     torch.manual_seed(cfg.seed + rank)
     train_ex = task.prepare(train_rows, source, "train")
     eval_ex = task.prepare(eval_rows, cfg.eval_split or source, "eval")
@@ -160,20 +180,10 @@ def train(cfg: TrainConfig) -> dict:
         sparse_embedding_gradients(model.hf_model, engine)
     # ZeRO and ClippedAdamW report the global norm; otherwise it is read before the step
     norm_before_step = cfg.zero_stage == 0 and not isinstance(engine.optimizer, ClippedAdamW)
-    start_step, data_order = 0, [global_batch, cfg.seed, len(train_ex)]
-    if resume_tag is not None:
-        client = load_checkpoint(engine, ckpt_dir, resume_tag, rank)
-        start_step = client["step"]
-        if client.get("data_order") != data_order:  # another batch or seed: not the same run
-            raise ConfigError(
-                f"--resume: {ckpt_dir / resume_tag} was written with (global batch, seed, train "
-                f"examples) = {client.get('data_order')}, this run has {data_order}"
-            )
-        say(f"resumed from {ckpt_dir / resume_tag} at step {start_step}")
-    elif cfg.resume:
-        say(f"--resume: no complete checkpoint in {ckpt_dir}, starting from step 0")
+    ckpt_dir, data_order = out_dir / "checkpoints", [global_batch, cfg.seed, len(train_ex)]
+    start_step = _resume(engine, cfg, ckpt_dir, resume_tag, data_order, rank, say)
     resume_step = start_step if cfg.resume else None
-    log = RunLog(out_dir, enabled=is_main, tensorboard=cfg.tensorboard, resume_step=resume_step)
+    log = RunLog(out_dir, enabled=rank == 0, tensorboard=cfg.tensorboard, resume_step=resume_step)
 
     def run_eval(step: int) -> EvalResult:
         result = task.evaluate(engine, eval_ex, dist)
@@ -187,20 +197,14 @@ def train(cfg: TrainConfig) -> dict:
     )
     before = run_eval(start_step) if start_step == 0 else None
     if before is not None:
-        say(
-            f"held-out {task.metric_name} before training: {before.accuracy:.3f} "
-            f"(eval loss {before.loss:.4f})"
-        )
+        say(f"held-out {task.metric_name} before training: {before.accuracy:.3f} "
+            f"(eval loss {before.loss:.4f})")  # fmt: skip
     # ------------------------------------------------------------------ steps
     from tqdm.auto import tqdm
 
-    bar = tqdm(
-        total=total_steps,
-        initial=start_step,
-        disable=not (is_main and cfg.progress),
-        dynamic_ncols=True,
-        desc=objective.name,
-    )
+    show = rank == 0 and cfg.progress
+    bar = tqdm(total=total_steps, initial=start_step, disable=not show, desc=objective.name,
+               dynamic_ncols=True)  # fmt: skip
     engine.train()
     after = None
     for step in range(start_step, total_steps):
@@ -210,28 +214,24 @@ def train(cfg: TrainConfig) -> dict:
         for micro in range(cfg.grad_accum):
             first = step * global_batch + (micro * world_size + rank) * cfg.micro_batch
             idx = _stream_indices(len(train_ex), cfg.seed, first, cfg.micro_batch)
-            batches.append(batch_to_device(task.collate([train_ex[i] for i in idx]), engine.device))
-        record: StepRecord = run_step(task, engine, batches, world_size, norm_before_step)
+            batch = task.collate([train_ex[i] for i in idx])
+            batches.append(batch_to_device(batch, engine.device))
+        record = run_step(task, engine, batches, world_size, norm_before_step)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
-            log.write(
-                record.as_dict(step + 1, (step + 1) * global_batch / len(train_ex), step_lr, t0)
-            )
-        bar.set_postfix(
-            loss=f"{record.loss:.4f}", acc=f"{record.means.get('rewards/accuracies', math.nan):.2f}"
-        )
+            epoch = (step + 1) * global_batch / len(train_ex)
+            log.write(record.as_dict(step + 1, epoch, step_lr, t0))
+        acc = record.means.get("rewards/accuracies", math.nan)
+        bar.set_postfix(loss=f"{record.loss:.4f}", acc=f"{acc:.2f}")
         bar.update(1)
         if (step + 1) % eval_every == 0 or step + 1 == total_steps:
             after = run_eval(step + 1)
-            if is_main:
-                bar.write(
-                    f"step {step + 1}: eval loss {after.loss:.4f}, "
-                    f"held-out {task.metric_name} {after.accuracy:.3f}"
-                )
+            if rank == 0:
+                bar.write(f"step {step + 1}: eval loss {after.loss:.4f}, "
+                          f"held-out {task.metric_name} {after.accuracy:.3f}")  # fmt: skip
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             client = {"step": step + 1, "data_order": data_order}
-            save_checkpoint(
-                engine, ckpt_dir, step + 1, client, keep=cfg.save_total_limit, rank=rank
-            )
+            keep = cfg.save_total_limit
+            save_checkpoint(engine, ckpt_dir, step + 1, client, keep=keep, rank=rank)
     bar.close()
     if after is None:  # resumed at the very end
         after = run_eval(total_steps)
@@ -247,12 +247,10 @@ def train(cfg: TrainConfig) -> dict:
         "eval_after": after.record(),
         "reference_cache_hit": ref_hit,
     }
-    save_final(task, engine, out_dir, cfg, log, summary, t_start, is_main)
-    if is_main:
-        if before is not None:
-            print(f"held-out {task.metric_name}: {before.accuracy:.3f} -> {after.accuracy:.3f}")
-        else:
-            print(f"held-out {task.metric_name} after training: {after.accuracy:.3f}")
+    save_final(task, engine, out_dir, cfg, log, summary, t_start, rank == 0)
+    if rank == 0:
+        change = f": {before.accuracy:.3f} ->" if before is not None else " after training:"
+        print(f"held-out {task.metric_name}{change} {after.accuracy:.3f}")
         print(f"saved {out_dir / 'model'} ({time.perf_counter() - t_start:.0f} s)")
     log.close()
     return summary

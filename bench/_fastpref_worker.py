@@ -22,9 +22,9 @@ def main() -> int:
     assert sep == "--", "usage: _fastpref_worker.py RESULT.json -- <fastpref-train flags>"
     result: dict[str, object] = {"precompute_s": [], "precompute_cpu_s": []}
     try:
-        import fastpref.train.loop as loop
+        import fastpref.train.reference as reference
 
-        original = loop.compute_reference_table
+        original = reference.compute_reference_table
 
         def timed(*args, **kwargs):
             start, cpu = time.perf_counter(), time.process_time()
@@ -33,7 +33,7 @@ def main() -> int:
             result["precompute_cpu_s"].append(time.process_time() - cpu)  # type: ignore[union-attr]
             return table
 
-        loop.compute_reference_table = timed
+        reference.compute_reference_table = timed
     except (ImportError, AttributeError) as e:
         result["precompute_s"] = None
         result["precompute_timer_error"] = repr(e)

@@ -119,8 +119,7 @@ def _liger(compiled: bool):
 
 def run_fastpref(x: Inputs) -> torch.Tensor:
     from fastpref import sequence_logprobs
-    from fastpref.losses import get_loss
-    from fastpref.losses.types import PairLogps
+    from fastpref.losses import PairLogps, dpo
 
     pol = sequence_logprobs(x.hidden, x.weight, x.labels)
     with torch.no_grad():
@@ -134,7 +133,7 @@ def run_fastpref(x: Inputs) -> torch.Tensor:
         ref_chosen=ref[:PAIRS],
         ref_rejected=ref[PAIRS:],
     )
-    loss, _ = get_loss("dpo").fn(inputs, beta=BETA)
+    loss, _ = dpo(inputs, beta=BETA)
     loss.backward()
     return loss.detach()
 
@@ -163,8 +162,7 @@ def _result(x: Inputs, loss: torch.Tensor) -> dict[str, torch.Tensor]:
 def _fastpref_ready() -> bool:
     try:
         from fastpref import sequence_logprobs  # noqa: F401
-        from fastpref.losses import get_loss  # noqa: F401
-        from fastpref.losses.types import PairLogps  # noqa: F401
+        from fastpref.losses import PairLogps, dpo  # noqa: F401
     except ImportError:
         return False
     return True
@@ -216,7 +214,7 @@ def measure_memory(name: str, vocab: int) -> dict[str, float]:
 @pytest.mark.parametrize("vocab", VOCABS)
 def test_dpo_loss(benchmark, name: str, vocab: int) -> None:
     if name == "fastpref" and not _fastpref_ready():
-        pytest.skip("fastpref.sequence_logprobs or fastpref.losses.get_loss has not landed yet")
+        pytest.skip("fastpref.sequence_logprobs or fastpref.losses.dpo has not landed yet")
     if name.startswith("liger"):
         pytest.importorskip("liger_kernel", reason="pip install -e '.[bench]'")
     x = _inputs(vocab)

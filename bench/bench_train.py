@@ -131,7 +131,8 @@ def workdir(tmp_path_factory) -> Path:
 def data(workdir: Path) -> Data:
     from transformers import AutoTokenizer
 
-    from fastpref.data import bundled_tokenizer_path, default_data, load_rows, tokenize_rows
+    from fastpref.families.lm_formats import default_data, load_rows, tokenize_rows
+    from fastpref.paths import bundled_tokenizer_path
 
     tokenizer_dir = bundled_tokenizer_path()
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -198,7 +199,7 @@ def test_logprobs_agree_with_trl(workdir: Path, data: Data) -> None:
     from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.trainer.utils import add_fused_lm_head
 
-    from fastpref.data import collate
+    from fastpref.families.lm_formats import collate
     from fastpref.models import PolicyLogps
 
     batch_ex, trl_ex = data.examples[:MICRO_BATCH], data.trl_examples[:MICRO_BATCH]

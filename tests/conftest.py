@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny Llama with the bundled tokenizer, and 48 rows of each bundled format."""
 
+import os
+
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -29,3 +31,16 @@ def assets(tmp_path_factory):
         lines = default_data(fmt).read_text().splitlines()[:48]
         (root / f"{fmt}.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def own_process_group():
+    """For modules that train in this process: the trainer joins a one-rank gloo group; leave no
+    group or env vars behind for the next module (use with ``pytestmark``)."""
+    env = dict(os.environ)
+    yield
+    from fastpref.train.engine import shutdown_distributed
+
+    shutdown_distributed()
+    os.environ.clear()
+    os.environ.update(env)

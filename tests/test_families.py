@@ -8,7 +8,6 @@ from __future__ import annotations
 import ast
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,17 +21,7 @@ from fastpref.families.base import Dist, EvalResult, Model, Objective, StepResul
 from fastpref.losses.metrics import LossMetrics, pairwise_correct
 from fastpref.train import parse_config, train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _own_process_group():
-    """The trainer joins a one-rank gloo group; leave no group or env vars behind for others."""
-    env = dict(os.environ)
-    yield
-    from fastpref.train.engine import shutdown_distributed
-
-    shutdown_distributed()
-    os.environ.clear()
-    os.environ.update(env)
+pytestmark = pytest.mark.usefixtures("own_process_group")
 
 
 # --------------------------------------------------------------------------- the toy family

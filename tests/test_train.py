@@ -25,19 +25,9 @@ from fastpref.families.lm_formats import default_data
 from fastpref.train import ConfigError, build_parser, parse_config, train
 from fastpref.train.config import TrainConfig
 
+pytestmark = pytest.mark.usefixtures("own_process_group")
+
 FORMATS = {spec.fmt for spec in LOSSES.values()}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _own_process_group():
-    """The trainer joins a one-rank gloo group; leave no group or env vars behind for others."""
-    env = dict(os.environ)
-    yield
-    from fastpref.train.engine import shutdown_distributed
-
-    shutdown_distributed()
-    os.environ.clear()
-    os.environ.update(env)
 
 
 def _args(assets, tmp_path, loss, *extra, steps=4):

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastpref import losses
 from fastpref.constants import IGNORE_INDEX
 from fastpref.data import pad_and_label
 from fastpref.errors import ConfigError
@@ -43,25 +44,7 @@ from fastpref.families.base import (
     gather_objects,
     rank_slices,
 )
-from fastpref.losses import (
-    KTOLogps,
-    ListLogps,
-    PairLogps,
-    SFTLogps,
-    cdpo,
-    cpo,
-    dpo,
-    hinge,
-    ipo,
-    kto,
-    lipo,
-    orpo,
-    rdpo,
-    robust,
-    rorpo,
-    sft,
-    simpo,
-)
+from fastpref.losses import KTOLogps, ListLogps, PairLogps, SFTLogps
 from fastpref.losses.metrics import pairwise_correct
 from fastpref.models import (
     PolicyLogps,
@@ -77,20 +60,18 @@ BUILT_MODEL_LR = 2e-3  # the bundled tiny Llama trains from scratch: a large ste
 EMBEDDED_STEPS = 60  # bundled model and data: enough for >= 0.9 held-out accuracy in minutes
 _PREF_LR = 5e-7  # a pretrained policy: TRL's DPO default range
 
-OBJECTIVES = (
-    Objective("sft", sft, "sft", False, 1e-5),
-    Objective("dpo", dpo, "pair", True, _PREF_LR),
-    Objective("cdpo", cdpo, "pair", True, _PREF_LR),
-    Objective("robust", robust, "pair", True, _PREF_LR),
-    Objective("ipo", ipo, "pair", True, _PREF_LR),
-    Objective("hinge", hinge, "pair", True, _PREF_LR),
-    Objective("simpo", simpo, "pair", False, _PREF_LR),
-    Objective("cpo", cpo, "pair", False, _PREF_LR),
-    Objective("orpo", orpo, "pair", False, _PREF_LR),
-    Objective("kto", kto, "kto", True, _PREF_LR),
-    Objective("rdpo", rdpo, "pair_rationale", True, _PREF_LR),
-    Objective("rorpo", rorpo, "pair_rationale", False, _PREF_LR),
-    Objective("lipo", lipo, "list", True, _PREF_LR),
+# --loss, data format, reads a reference, default lr for a pretrained model
+OBJECTIVES = tuple(
+    Objective(name, getattr(losses, name), fmt, needs_reference, lr)
+    for name, fmt, needs_reference, lr in (
+        ("sft", "sft", False, 1e-5),
+        *((name, "pair", True, _PREF_LR) for name in ("dpo", "cdpo", "robust", "ipo", "hinge")),
+        *((name, "pair", False, _PREF_LR) for name in ("simpo", "cpo", "orpo")),
+        ("kto", "kto", True, _PREF_LR),
+        ("rdpo", "pair_rationale", True, _PREF_LR),
+        ("rorpo", "pair_rationale", False, _PREF_LR),
+        ("lipo", "list", True, _PREF_LR),
+    )
 )
 
 

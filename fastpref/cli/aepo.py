@@ -302,11 +302,10 @@ def run(args: argparse.Namespace) -> int:
 
     from fastpref.models.annotate import RewardAnnotator
 
-    encoder = None
-    if selecting and todo:
-        from fastpref.models.encoder import Encoder
+    if not progress:
+        import transformers
 
-        encoder = Encoder(embedding, device=args.device, pooling=args.pooling)
+        transformers.utils.logging.disable_progress_bar()
     annotator = RewardAnnotator(
         reward,
         device=args.device,
@@ -314,6 +313,11 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         batch_size=args.batch_size,
     )
+    encoder = None
+    if selecting and todo:
+        from fastpref.models.encoder import Encoder
+
+        encoder = Encoder(embedding, device=args.device, pooling=args.pooling)
     bars = _bars(len(todo), n, k, selecting, progress)
     times = {"embed": 0.0, "select": 0.0, "annotate": 0.0}
     per_chunk = max(1, _CHUNK_TEXTS // n)

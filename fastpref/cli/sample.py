@@ -94,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
     check_output_path(args.output)
     source = args.data or str(bundled_data("aepo_responses.jsonl"))
     prompts = read_prompts(source, prompt_column=args.prompt_column, limit=args.num_prompts)
+    if args.no_progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     model, tokenizer = _load(args)
     start = time.perf_counter()
     bar = tqdm(total=len(prompts), desc="sampling", unit="prompt", disable=args.no_progress)

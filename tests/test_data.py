@@ -185,7 +185,7 @@ def test_wrong_type_names_file_line_field(tmp_path):
     with pytest.raises(DataError) as e:
         load_rows(str(path), "kto")
     assert str(e.value) == (
-        f"{path}: line 3: field 'label' must be a boolean (true = desirable), got str"
+        f"{path}: line 3: field 'label' must be true/false or 1/0, got 'yes'"
     )
 
 
@@ -205,7 +205,7 @@ def test_wrong_type_names_file_line_field(tmp_path):
         (
             {"prompt": "p", "responses": ["a", "b"], "scores": [1.0]},
             "list",
-            "field 'scores' must be a list of 2 numbers (one per response), got list",
+            "field 'scores' must be a list of 2 numbers (one per response), got a list of 1",
         ),
         (
             {"prompt": "p", "responses": ["a", "b"], "scores": [1.0, "x"]},

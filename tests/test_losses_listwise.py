@@ -117,7 +117,7 @@ def test_lipo_hand_value_and_metrics():
     loss, m = lipo(inputs, beta=1.0)
     delta = 2 * (1 - INV_LOG2_3) + 3 * 0.5 + (INV_LOG2_3 - 0.5)
     assert loss.item() == pytest.approx(delta * LN2, rel=1e-6)
-    assert m.rewards_accuracies.item() == 0.0
+    assert m.rewards_accuracies.item() == 0.5  # every pair a tie: ½ each, as held-out accuracy
     inputs.logps = torch.tensor([[-1.0, -2.0, -3.0]])
     _, m = lipo(inputs, beta=1.0)
     assert m.rewards_accuracies.item() == 1.0

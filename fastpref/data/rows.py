@@ -186,13 +186,16 @@ class Row:
         return float(value)
 
     def boolean(self, field: str) -> bool:
+        """true/false, 1/0, or the strings "true"/"false"/"1"/"0" (any case), in any file."""
         value = self.get(field)
-        if isinstance(value, str) and self.from_text:
-            value = {"true": True, "false": False, "1": True, "0": False}.get(value.lower(), value)
-        if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        if isinstance(value, str):
+            value = {"true": True, "false": False, "1": True, "0": False}.get(
+                value.strip().lower(), value
+            )
+        if isinstance(value, int | float) and not isinstance(value, bool) and value in (0, 1):
             value = bool(value)
         if not isinstance(value, bool):
-            raise self.fail(field, f"must be a boolean (true = desirable), got {type_name(value)}")
+            raise self.fail(field, f"must be true/false or 1/0, got {value!r}")
         return value
 
 

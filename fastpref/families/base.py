@@ -72,6 +72,7 @@ class Objective:
     fmt: str  # the family's data format it trains on
     needs_reference: bool  # whether fn reads reference values
     lr: float  # default peak learning rate for a pretrained model
+    columns: str = ""  # the data columns it reads, for --help ("prompt, chosen, rejected")
 
     def hparams(self) -> dict[str, object]:
         """Keyword-only hyperparameter names -> defaults, read from ``fn``'s signature."""

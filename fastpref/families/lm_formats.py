@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from fastpref.data import Row, collate_roles, load_records, tokenize_examples, type_name
+from fastpref.errors import ConfigError, DataError
 from fastpref.paths import bundled_data
 
 __all__ = [
@@ -56,6 +57,20 @@ _DEFAULT_FILES = {
     "sft": "sft.jsonl",
 }
 _LIST_FIELDS = ("responses", "scores", "messages")
+FIELDS: dict[str, tuple[str, ...]] = {  # every field a row of the format may have
+    "pair": ("prompt", "chosen", "rejected", "margin"),
+    "pair_rationale": ("prompt", "chosen", "rejected", "rationale", "margin"),
+    "kto": ("prompt", "completion", "label"),
+    "list": ("prompt", "responses", "scores"),
+    "sft": ("prompt", "completion", "messages"),
+}
+COLUMNS = {  # what --help says each format reads
+    "pair": "prompt, chosen, rejected (+ margin); or TRL's chosen/rejected conversations",
+    "pair_rationale": "prompt, chosen, rejected, rationale",
+    "kto": "prompt, completion, label (true/false, 1/0)",
+    "list": "prompt, responses [list], scores [list of numbers]",
+    "sft": "prompt, completion; or messages (a chat ending in an assistant turn)",
+}
 
 RATIONALE_TEMPLATE = (
     "Question: {prompt}\n"
@@ -100,6 +115,8 @@ def validate_row(row: Row, fmt: str) -> dict[str, Any]:
             raise row.fail("messages", "must end with an assistant message after the prompt")
         return {"prompt": msgs[:-1], "completion": msgs[-1]["content"]}
 
+    if fmt in ("pair", "pair_rationale") and not row.has("prompt") and row.has("chosen"):
+        return _implicit_prompt(row, fmt)
     prompt = row.text_or_chat("prompt")
     out: dict[str, Any] = {"prompt": prompt}
     chat = isinstance(prompt, list)
@@ -127,8 +144,8 @@ def validate_row(row: Row, fmt: str) -> dict[str, Any]:
         if not isinstance(scores, list) or len(scores) != len(responses):
             raise row.fail(
                 "scores",
-                f"must be a list of {len(responses)} numbers (one per "
-                f"response), got {type_name(scores)}",
+                f"must be a list of {len(responses)} numbers (one per response), got "
+                + (f"a list of {len(scores)}" if isinstance(scores, list) else type_name(scores)),
             )
         texts = []
         for r in responses:
@@ -144,12 +161,69 @@ def validate_row(row: Row, fmt: str) -> dict[str, Any]:
     return out
 
 
+def _implicit_prompt(row: Row, fmt: str) -> dict[str, Any]:
+    """TRL's implicit-prompt rows: full conversations in ``chosen``/``rejected`` and no
+    ``prompt``; the leading messages both share are the prompt, the rest of each (one
+    assistant message) its completion."""
+    chosen = row.messages("chosen", row.get("chosen"))
+    rejected = row.messages("rejected", row.get("rejected"))
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise row.fail("prompt", "is missing (and chosen/rejected share no leading messages)")
+    out: dict[str, Any] = {"prompt": chosen[:n]}
+    for field, msgs in (("chosen", chosen), ("rejected", rejected)):
+        rest = msgs[n:]
+        if len(rest) != 1 or rest[0]["role"] != "assistant":
+            raise row.fail(field, "must end in one assistant message after the shared prompt")
+        out[field] = rest[0]["content"]
+    if fmt == "pair_rationale":
+        out["rationale"] = row.get("rationale")
+        if not isinstance(out["rationale"], str):
+            raise row.fail("rationale", f"must be a string, got {type_name(out['rationale'])}")
+    if row.has("margin"):
+        out["margin"] = row.number("margin")
+    return out
+
+
+def _check_columns(fmt: str, columns: dict[str, str]) -> None:
+    unknown = sorted(set(columns) - set(FIELDS[fmt]))
+    if unknown:
+        raise ConfigError(
+            f"--columns names {', '.join(map(repr, unknown))}, not a field of format {fmt!r} "
+            f"(its fields: {', '.join(FIELDS[fmt])})"
+        )
+
+
 def load_rows(source: str, fmt: str, *, columns: dict[str, str] | None = None) -> list[dict]:
     """Load and validate the rows of ``source`` as format ``fmt`` (see
-    ``fastpref.data.load_records`` for sources and the DataError messages)."""
+    ``fastpref.data.load_records`` for sources and the DataError messages). A file none of whose
+    columns is a field the format needs is reported with its columns, the format's fields and
+    an example ``--columns`` mapping."""
     check_format(fmt)
-    return load_records(
-        source, lambda row: validate_row(row, fmt), columns=columns, list_fields=_LIST_FIELDS
+    columns = dict(columns or {})
+    _check_columns(fmt, columns)
+    first = []
+
+    def validate(row: Row) -> dict[str, Any]:
+        if not first:
+            first.append(True)
+            _check_matches(row, fmt, source)
+        return validate_row(row, fmt)
+
+    return load_records(source, validate, columns=columns, list_fields=_LIST_FIELDS)
+
+
+def _check_matches(row: Row, fmt: str, source: str) -> None:
+    needed = [f for f in FIELDS[fmt] if f not in ("margin", "messages")]
+    if any(row.has(f) for f in needed) or (fmt == "sft" and row.has("messages")):
+        return
+    have = list(row.record) if isinstance(row.record, dict) else []
+    example = ",".join(f"{f}={c}" for f, c in zip(needed, have, strict=False)) or "prompt=question"
+    raise DataError(
+        f"{source}: its columns ({', '.join(have) or 'none'}) match no field of format {fmt!r}, "
+        f"which reads {COLUMNS[fmt]}; map yours with e.g. --columns {example}"
     )
 
 

@@ -62,7 +62,7 @@ _PREF_LR = 5e-7  # a pretrained policy: TRL's DPO default range
 
 # --loss, data format, reads a reference, default lr for a pretrained model
 OBJECTIVES = tuple(
-    Objective(name, getattr(losses, name), fmt, needs_reference, lr)
+    Objective(name, getattr(losses, name), fmt, needs_reference, lr, lm_formats.COLUMNS[fmt])
     for name, fmt, needs_reference, lr in (
         ("sft", "sft", False, 1e-5),
         *((name, "pair", True, _PREF_LR) for name in ("dpo", "cdpo", "robust", "ipo", "hinge")),
@@ -123,7 +123,9 @@ class LMTask:
             check_model_path(cfg.ref_model, "ref-model")
         self.objective, self.cfg, self.hparams = objective, cfg, hparams
         self.fmt = objective.fmt
-        self.metric_name = "preference accuracy"
+        self.metric_name = (
+            "prompt-conditioning accuracy" if objective.name == "sft" else "preference accuracy"
+        )
         self.default_data = lm_formats.default_data(self.fmt)
         self.default_lr = BUILT_MODEL_LR if cfg.model is None else objective.lr
         self.embedded_steps = EMBEDDED_STEPS
@@ -136,7 +138,8 @@ class LMTask:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.cfg.tokenizer or self.cfg.model)
+            flag = "tokenizer" if self.cfg.tokenizer else "model"
+            self._tokenizer = load_tokenizer(self.cfg.tokenizer or self.cfg.model, flag)
         return self._tokenizer
 
     @property

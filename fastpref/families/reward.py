@@ -34,7 +34,7 @@ FORMAT = "pair"
 class RewardModel:
     name = "reward-model"
     summary = "sequence-classification head, Bradley–Terry on pairs"
-    objectives = (Objective("rm", rm, FORMAT, False, 1e-5),)
+    objectives = (Objective("rm", rm, FORMAT, False, 1e-5, lm_formats.COLUMNS[FORMAT]),)
     options = ()
 
     def start(self, objective: Objective, cfg: Any, hparams: dict[str, object]) -> RewardTask:
@@ -57,7 +57,8 @@ class RewardTask:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.cfg.tokenizer or self.cfg.model)
+            flag = "tokenizer" if self.cfg.tokenizer else "model"
+            self._tokenizer = load_tokenizer(self.cfg.tokenizer or self.cfg.model, flag)
         return self._tokenizer
 
     def read(self, source: str, columns: dict[str, str] | None) -> list[dict]:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fastpref.losses._checks import check_inputs, check_positive
-from fastpref.losses.metrics import LossMetrics, pair_metrics
+from fastpref.losses.metrics import LossMetrics, pair_metrics, pairwise_correct
 from fastpref.losses.types import ListLogps
 from fastpref.ops import listwise_loss
 
@@ -147,7 +147,7 @@ def lipo(inputs: ListLogps, *, beta: float = 0.1) -> tuple[Tensor, LossMetrics]:
     paper uses 0.05). Summed log-probs, as DPO.
     Metrics: rewards/chosen and rewards/rejected are the mean rewards s of the best- and
     worst-labelled response of each list; accuracies is the fraction of ordered pairs whose
-    rewards are ordered the same way.
+    rewards are ordered the same way (ties ½).
     Paper: https://arxiv.org/abs/2402.01878.
     """
     check_positive("beta", beta)
@@ -167,7 +167,7 @@ def lipo(inputs: ListLogps, *, beta: float = 0.1) -> tuple[Tensor, LossMetrics]:
         worst = torch.where(mask, rel, far).argmin(-1, keepdim=True)
         both = mask.unsqueeze(-1) & mask.unsqueeze(-2)
         pairs = both & (relevance.unsqueeze(-1) > relevance.unsqueeze(-2))  # [B, K, K]
-        ordered = (rewards.unsqueeze(-1) > rewards.unsqueeze(-2)) & pairs
+        ordered = pairwise_correct(rewards.unsqueeze(-1) - rewards.unsqueeze(-2)) * pairs
     metrics = pair_metrics(
         rewards.gather(-1, best),
         rewards.gather(-1, worst),

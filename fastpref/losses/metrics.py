@@ -24,6 +24,7 @@ _NAMES = {
     "rationale_nll": "rationale_nll",
     "kl": "kl",
     "sft_loss": "sft_loss",
+    "rank_loss": "rank_loss",
 }
 
 
@@ -38,7 +39,7 @@ class LossMetrics:
 
     rewards_chosen: Tensor | None = None  # mean implicit reward of the chosen/desirable/best
     rewards_rejected: Tensor | None = None  # ... of the rejected/undesirable/worst
-    rewards_accuracies: Tensor | None = None  # fraction of pairs ordered correctly
+    rewards_accuracies: Tensor | None = None  # fraction of pairs ordered correctly (ties ½)
     rewards_margins: Tensor | None = None  # mean(chosen reward - rejected reward)
     logps_chosen: Tensor | None = None  # mean policy log p of the chosen completion
     logps_rejected: Tensor | None = None
@@ -49,6 +50,7 @@ class LossMetrics:
     rationale_nll: Tensor | None = None  # token-mean NLL of the rationale
     kl: Tensor | None = None  # KTO: the reference point z0
     sft_loss: Tensor | None = None  # RankPO: the 2-way cross-entropy term
+    rank_loss: Tensor | None = None  # RankLLM: the ranking term L_rank (before λ)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -82,12 +84,13 @@ def pair_metrics(
 ) -> LossMetrics:
     """The metrics every pairwise loss reports, from per-example rewards (and log-probs).
 
-    ``accuracies`` defaults to the fraction of examples with chosen reward > rejected reward; a
-    listwise loss passes its own (ordered pairs over all pairs).
+    ``accuracies`` defaults to the fraction of examples with chosen reward > rejected reward,
+    ties ½ (as the held-out accuracy counts them); a listwise loss passes its own (ordered pairs
+    over all pairs).
     """
     with torch.no_grad():
         if accuracies is None:
-            accuracies = (chosen_rewards > rejected_rewards).float().mean()
+            accuracies = pairwise_correct(chosen_rewards - rejected_rewards).mean()
         return LossMetrics(
             rewards_chosen=chosen_rewards.mean(),
             rewards_rejected=rejected_rewards.mean(),

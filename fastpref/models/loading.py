@@ -34,11 +34,41 @@ __all__ = [
 
 @contextlib.contextmanager
 def loading(flag: str, path: str) -> Iterator[None]:
-    """Turn transformers' load failures (missing files, unknown architecture) into ModelError."""
+    """Turn transformers' load failures (missing files, unknown architecture, no hub) into
+    ModelError naming the flag and the path."""
+    if not looks_local(path) and _hub_offline():
+        raise ModelError(
+            f"--{flag} {path!r} is not a local path and the hub is unreachable "
+            "(HF_HUB_OFFLINE=1 or no network)"
+        )
     try:
         yield
     except (OSError, ValueError, KeyError) as e:
+        if not looks_local(path) and _is_connection_error(e):
+            raise ModelError(
+                f"--{flag} {path!r} is not a local path and the hub is unreachable "
+                "(HF_HUB_OFFLINE=1 or no network)"
+            ) from e
         raise ModelError(f"--{flag} {path!r}: cannot load it ({type(e).__name__}: {e})") from e
+
+
+def _hub_offline() -> bool:
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    """A failure to reach the hub (as opposed to a hub answer such as 'no such repo')."""
+    while e is not None:
+        name = type(e).__name__
+        if "Connection" in name or "Timeout" in name or "OfflineMode" in name:
+            return True
+        if "couldn't connect" in str(e).lower() or "offline mode" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def attention_implementation(requested: str = "auto", dtype: torch.dtype | None = None) -> str:
@@ -63,8 +93,13 @@ def check_model_path(path: str | None, what: str = "model") -> None:
     """
     if path is None or os.path.exists(os.path.expanduser(path)):
         return
-    if looks_local(path) or os.environ.get("HF_HUB_OFFLINE") == "1":
+    if looks_local(path):
         raise MissingPathError(f"--{what}: {path!r} does not exist")
+    if _hub_offline():
+        raise MissingPathError(
+            f"--{what} {path!r} is not a local path and the hub is unreachable "
+            "(HF_HUB_OFFLINE=1 or no network)"
+        )
 
 
 def _version_kwargs(dtype: torch.dtype | None) -> dict:
@@ -74,13 +109,14 @@ def _version_kwargs(dtype: torch.dtype | None) -> dict:
     return {"dtype": dtype} if new else {"torch_dtype": dtype}
 
 
-def load_tokenizer(path: str | None):
-    """The tokenizer at ``path`` (or the bundled one); a pad token is set to EOS if missing."""
+def load_tokenizer(path: str | None, flag: str = "tokenizer"):
+    """The tokenizer at ``path`` (or the bundled one); a pad token is set to EOS if missing.
+    ``flag`` is the option that gave ``path`` (named in errors)."""
     from transformers import AutoTokenizer
 
     if path is None:
         path = str(bundled_tokenizer_path())
-    with loading("tokenizer", path):
+    with loading(flag, path):
         tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -82,7 +82,9 @@ class CoreConfig:
     attn_implementation: str = _opt("auto", "auto (sdpa; flash_attention_2 with flash-attn on GPU)")
     # data
     data: str | None = _opt(
-        None, "training data (.jsonl/.json/.csv/.parquet or hub name); unset: bundled"
+        None,
+        "training data: a .jsonl/.json/.csv/.parquet file, or a hub dataset as NAME or "
+        "NAME:SPLIT (TRL's --dataset-name/--dataset-split work too); unset: bundled",
     )
     columns: dict[str, str] | None = _opt(
         None, "column remapping canonical=source,... e.g. prompt=question"
@@ -128,8 +130,9 @@ class CoreConfig:
     # evaluation, logging, checkpoints
     output_dir: str | None = _opt(None, "run directory; unset: runs/<loss>-<time>")
     eval_every: int = _opt(
-        0, "evaluate every N steps (0: five times per run); also at start/end", _at_least(0)
-    )
+        0, "evaluate every N steps (0: every ceil(steps/5), five times); also at start/end",
+        _at_least(0),
+    )  # fmt: skip
     log_every: int = _opt(1, "write a metrics record every N steps", _at_least(1))
     tensorboard: bool = _opt(False, "also log to TensorBoard (output_dir/tb)")
     progress: bool = _opt(True, "show a progress bar")
@@ -138,6 +141,7 @@ class CoreConfig:
         2, "complete checkpoints kept (older ones are deleted)", _at_least(1)
     )
     resume: bool = _opt(False, "continue from the latest complete checkpoint in --output-dir")
+    overwrite: bool = _opt(False, "replace the finished run (model/, metrics) in --output-dir")
 
 
 def _hparam_fields() -> list[tuple[str, object, object]]:
@@ -220,6 +224,10 @@ def losses_by_family() -> str:
     for family in FAMILIES:
         names = ", ".join(o.name for o in family.objectives)
         lines.append(f"  {family.name} ({family.summary}): {names}")
+    lines += ["", "data columns each --loss reads (rename with --columns field=column,...):"]
+    for family in FAMILIES:
+        for o in family.objectives:
+            lines.append(f"  {o.name:<8} {o.columns}")
     return "\n".join(lines)
 
 
@@ -278,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(_flag(f.name), **kwargs)
+    # TRL's spellings of a hub dataset: --dataset-name NAME [--dataset-split SPLIT] = --data
+    parser.add_argument("--dataset-name", dest="dataset_name", help=argparse.SUPPRESS)
+    parser.add_argument("--dataset-split", dest="dataset_split", help=argparse.SUPPRESS)
     # set by the `deepspeed` launcher; the rank is read from the environment
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser
@@ -348,6 +359,11 @@ def parse_config(argv: typing.Sequence[str] | None = None) -> TrainConfig:
     """defaults < ``--config`` file < command-line flags, each value checked against its range."""
     args = vars(build_parser().parse_args(argv))
     args.pop("local_rank", None)
+    name, split = args.pop("dataset_name", None), args.pop("dataset_split", None)
+    if name is not None or split is not None:
+        if name is None or "data" in args:
+            raise ConfigError("give the data once: --data NAME:SPLIT, or --dataset-name NAME")
+        args["data"] = f"{name}:{split}" if split else name
     values: dict[str, object] = {}
     config_path = args.pop("config", None)
     if config_path is not None:

@@ -7,12 +7,15 @@ use DeepSpeed's CPU accelerator and gloo; GPU runs use nccl — nothing else cha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import mmap
 import os
 import socket
+import sys
+import tempfile
 from typing import Any
 
 import torch
@@ -199,8 +202,52 @@ def init_distributed() -> tuple[int, int]:
         if torch.cuda.is_available():  # before the group exists, so nccl binds the right GPU
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        with _captured_output():  # DeepSpeed builds/loads its CPU shm op and says so each run
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+@contextlib.contextmanager
+def _captured_output():
+    """Hold back what C/C++ and Python write to stdout/stderr inside the block (file
+    descriptors 1 and 2); replay it to stderr only if the block fails."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def quiet_libraries(progress: bool) -> None:
+    """No Hugging Face progress bars (weights loading, shard writing) under --no-progress."""
+    if not progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        except ImportError:
+            pass
 
 
 def shutdown_distributed() -> None:

@@ -25,6 +25,7 @@ from fastpref.train.engine import (
     deepspeed_config,
     init_distributed,
     make_engine,
+    quiet_libraries,
     sparse_embedding_gradients,
 )
 from fastpref.train.reference import prepare_reference
@@ -119,18 +120,42 @@ def _open_run(cfg: TrainConfig, dist: Dist) -> tuple[Path, str | None]:
             f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
             "or choose another --output-dir (nothing is overwritten)"
         )
+    finished = [n for n in ("model", "metrics.jsonl") if (out_dir / n).exists()]
+    if finished and not cfg.resume and not cfg.overwrite:
+        raise ConfigError(
+            f"{out_dir} holds a finished run ({', '.join(finished)}): pass --overwrite to "
+            "replace it, or choose another --output-dir"
+        )
     if dist.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     return out_dir, latest_checkpoint(ckpt_dir) if cfg.resume else None
 
 
+def _recorded(cfg: TrainConfig, lr: float, out_dir: Path) -> TrainConfig:
+    """The values a run actually uses, as config.json records them: the resolved lr and
+    absolute local paths."""
+
+    def absolute(path: str | None) -> str | None:
+        if path is None or not Path(path).expanduser().exists():
+            return path  # unset, or a hub name
+        return str(Path(path).expanduser().resolve())
+
+    paths = ("model", "ref_model", "tokenizer", "data", "eval_split", "deepspeed", "cache_dir")
+    return dataclasses.replace(
+        cfg,
+        lr=lr,
+        output_dir=str(out_dir.resolve()),
+        **{name: absolute(getattr(cfg, name)) for name in paths},
+    )
+
+
 def _resume(engine, cfg: TrainConfig, ckpt_dir: Path, tag: str | None, data_order, rank, say):
-    """Load checkpoint ``tag`` (if any) and return the step it reached."""
+    """Load checkpoint ``tag`` (if any); returns its client state (``step``, ``wall_s``)."""
     if tag is None:
         if cfg.resume:
             say(f"--resume: no complete checkpoint in {ckpt_dir}, starting from step 0")
-        return 0
+        return {"step": 0, "wall_s": 0.0}
     client = load_checkpoint(engine, ckpt_dir, tag, rank)
     if client.get("data_order") != data_order:  # another batch or seed: not the same run
         raise ConfigError(
@@ -138,7 +163,16 @@ def _resume(engine, cfg: TrainConfig, ckpt_dir: Path, tag: str | None, data_orde
             f"examples) = {client.get('data_order')}, this run has {data_order}"
         )
     say(f"resumed from {ckpt_dir / tag} at step {client['step']}")
-    return client["step"]
+    return client
+
+
+def _first_eval(log: RunLog) -> EvalResult | None:
+    """The step-0 evaluation a resumed run's log kept from the run it continues."""
+    for r in log.records():
+        if r.get("step") == 0 and "eval/accuracy" in r:
+            metrics = {k[5:]: v for k, v in r.items() if k.startswith("eval/")}
+            return EvalResult(metrics.pop("loss"), metrics.pop("accuracy"), metrics)
+    return None
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -148,6 +182,7 @@ def train(cfg: TrainConfig) -> dict:
     objective = get_objective(cfg.loss)
     hparams = loss_hparams(cfg, objective)
     _check_files(cfg)
+    quiet_libraries(cfg.progress)
     rank, world_size = init_distributed()
     cfg, ds_config = _resolve(cfg, world_size)
     task = family_of(cfg.loss).start(objective, cfg, hparams)
@@ -156,6 +191,9 @@ def train(cfg: TrainConfig) -> dict:
 
     dist = Dist(torch.device(get_accelerator().current_device_name()), rank, world_size)
     say = print if rank == 0 else (lambda *a, **k: None)
+    lr = cfg.lr if cfg.lr is not None else task.default_lr
+    out_dir = _output_dir(cfg, dist)
+    cfg = _recorded(cfg, lr, out_dir)
     out_dir, resume_tag = _open_run(cfg, dist)
     torch.manual_seed(cfg.seed + rank)
     train_ex = task.prepare(train_rows, source, "train")
@@ -173,15 +211,15 @@ def train(cfg: TrainConfig) -> dict:
     # ------------------------------------------------------------------ engine and schedule
     global_batch = cfg.micro_batch * cfg.grad_accum * world_size
     total_steps = _total_steps(cfg, task, len(train_ex), global_batch)
-    eval_every = cfg.eval_every or max(1, total_steps // 5)
-    lr = cfg.lr if cfg.lr is not None else task.default_lr
+    eval_every = cfg.eval_every or math.ceil(total_steps / 5)
     engine, scheduler = make_engine(model.module, ds_config, cfg, lr, total_steps)
     if model.hf_model is not None:
         sparse_embedding_gradients(model.hf_model, engine)
     # ZeRO and ClippedAdamW report the global norm; otherwise it is read before the step
     norm_before_step = cfg.zero_stage == 0 and not isinstance(engine.optimizer, ClippedAdamW)
     ckpt_dir, data_order = out_dir / "checkpoints", [global_batch, cfg.seed, len(train_ex)]
-    start_step = _resume(engine, cfg, ckpt_dir, resume_tag, data_order, rank, say)
+    resumed = _resume(engine, cfg, ckpt_dir, resume_tag, data_order, rank, say)
+    start_step, t_start = resumed["step"], t_start - resumed.get("wall_s", 0.0)
     resume_step = start_step if cfg.resume else None
     log = RunLog(out_dir, enabled=rank == 0, tensorboard=cfg.tensorboard, resume_step=resume_step)
 
@@ -195,8 +233,8 @@ def train(cfg: TrainConfig) -> dict:
         f"eval={len(eval_ex)} steps={total_steps} global_batch={global_batch} lr={lr:g} "
         f"world={world_size} device={engine.device} out={out_dir}"
     )
-    before = run_eval(start_step) if start_step == 0 else None
-    if before is not None:
+    before = run_eval(start_step) if start_step == 0 else _first_eval(log)
+    if start_step == 0:
         say(f"held-out {task.metric_name} before training: {before.accuracy:.3f} "
             f"(eval loss {before.loss:.4f})")  # fmt: skip
     # ------------------------------------------------------------------ steps
@@ -229,7 +267,8 @@ def train(cfg: TrainConfig) -> dict:
                 bar.write(f"step {step + 1}: eval loss {after.loss:.4f}, "
                           f"held-out {task.metric_name} {after.accuracy:.3f}")  # fmt: skip
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            client = {"step": step + 1, "data_order": data_order}
+            wall = time.perf_counter() - t_start  # the whole run's, across resumes
+            client = {"step": step + 1, "data_order": data_order, "wall_s": wall}
             keep = cfg.save_total_limit
             save_checkpoint(engine, ckpt_dir, step + 1, client, keep=keep, rank=rank)
     bar.close()

@@ -67,7 +67,8 @@ class RunLog:
 
 
 def plot_curves(records: list[dict], path: Path, title: str) -> None:
-    """Loss, reward margin and accuracy (train and held-out) against the step."""
+    """Loss, reward margin, accuracy (train and held-out) and any other held-out metric against
+    the step; a panel with nothing to show is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,13 +82,17 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
         ]
         return [p[0] for p in pts], [p[1] for p in pts]
 
+    shown = {"eval/loss", "eval/accuracy", "eval/rewards/margins"}
+    others = sorted({k for r in records for k in r if k.startswith("eval/") and k not in shown})
     panels = [
         ("loss", ["loss", "eval/loss"]),
         ("reward margin", ["rewards/margins", "eval/rewards/margins"]),
         ("accuracy", ["rewards/accuracies", "eval/accuracy"]),
+        ("held-out metrics", others),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, (name, keys) in zip(axes, panels, strict=True):
+    panels = [(name, keys) for name, keys in panels if any(series(k)[0] for k in keys)]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.7 * max(len(panels), 1), 4))
+    for ax, (name, keys) in zip(fig.axes, panels, strict=False):
         for key in keys:
             x, y = series(key)
             if x:
@@ -96,8 +101,7 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
                 )
         ax.set_title(name)
         ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend()
+        ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

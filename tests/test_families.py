@@ -170,3 +170,29 @@ def test_the_loop_imports_no_family_and_no_loss():
                 assert not mod.startswith(("fastpref.losses.", "fastpref.models")), (
                     f"{path.name} imports {mod}"
                 )
+
+
+def test_lipo_trains_through_the_fused_listwise_kernel(assets, tmp_path, monkeypatch):
+    """--loss lipo reaches fastpref.ops.listwise_loss and, on the CPU, the C++ kernel."""
+    import fastpref.losses.listwise as lw
+
+    kinds, kernel_calls = [], []
+    public = lw.listwise_loss
+    native = torch.ops.fastpref_C.listwise_fwd
+
+    def spy_public(*args, **kwargs):
+        kinds.append(kwargs["kind"])
+        return public(*args, **kwargs)
+
+    def spy_native(*args):
+        kernel_calls.append(args[0].shape)
+        return native(*args)
+
+    monkeypatch.setattr(lw, "listwise_loss", spy_public)
+    monkeypatch.setattr(torch.ops.fastpref_C, "listwise_fwd", spy_native)
+    argv = ["--loss", "lipo", "--model", str(assets / "model"), "--data"]
+    argv += [str(assets / "list.jsonl"), "--max-steps", "1", "--micro-batch", "2"]
+    argv += ["--max-length", "48", "--no-progress", "--cache-dir", str(tmp_path / "c")]
+    train(parse_config(argv + ["--output-dir", str(tmp_path / "lipo")]))
+    assert kinds and set(kinds) == {"lipo"}
+    assert kernel_calls, "the C++ listwise kernel never ran"

@@ -239,6 +239,7 @@ def _captured_output():
 def quiet_libraries(progress: bool) -> None:
     """No Hugging Face progress bars (weights loading, shard writing) under --no-progress."""
     if not progress:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by processes and libraries later
         import transformers
 
         transformers.utils.logging.disable_progress_bar()

@@ -124,12 +124,7 @@ def validate_row(row: Row, fmt: str) -> dict[str, Any]:
         for field in ("chosen", "rejected"):
             out[field], is_chat = row.completion(field)
             chat |= is_chat
-        if fmt == "pair_rationale":
-            out["rationale"] = row.get("rationale")
-            if not isinstance(out["rationale"], str):
-                raise row.fail("rationale", f"must be a string, got {type_name(out['rationale'])}")
-        if row.has("margin"):
-            out["margin"] = row.number("margin")
+        _rationale_and_margin(row, fmt, out)
     elif fmt in ("kto", "sft"):
         out["completion"], chat_c = row.completion("completion")
         chat |= chat_c
@@ -178,13 +173,18 @@ def _implicit_prompt(row: Row, fmt: str) -> dict[str, Any]:
         if len(rest) != 1 or rest[0]["role"] != "assistant":
             raise row.fail(field, "must end in one assistant message after the shared prompt")
         out[field] = rest[0]["content"]
+    _rationale_and_margin(row, fmt, out)
+    return out
+
+
+def _rationale_and_margin(row: Row, fmt: str, out: dict[str, Any]) -> None:
+    """The pair formats' fields beside the texts: the rationale, an optional margin."""
     if fmt == "pair_rationale":
         out["rationale"] = row.get("rationale")
         if not isinstance(out["rationale"], str):
             raise row.fail("rationale", f"must be a string, got {type_name(out['rationale'])}")
     if row.has("margin"):
         out["margin"] = row.number("margin")
-    return out
 
 
 def _check_columns(fmt: str, columns: dict[str, str]) -> None:

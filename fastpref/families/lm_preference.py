@@ -89,10 +89,34 @@ def _model_kwargs(cfg: Any, tokenizer: Any) -> dict:
     )
 
 
-def check_paths(cfg: Any) -> None:
-    """The model and tokenizer paths exist (or may be hub names)."""
-    check_model_path(cfg.model, "model")
-    check_model_path(cfg.tokenizer, "tokenizer")
+class LMData:
+    """Rows, tokens and batches of one LM format in one run (the LM and reward tasks share it):
+    the tokenizer is ``--tokenizer``'s, else ``--model``'s, else the bundled one, loaded on
+    first use."""
+
+    def __init__(self, cfg: Any, fmt: str) -> None:
+        check_model_path(cfg.model, "model")
+        check_model_path(cfg.tokenizer, "tokenizer")
+        self.cfg, self.fmt, self._tokenizer = cfg, fmt, None
+        self.default_data = lm_formats.default_data(fmt)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            flag = "tokenizer" if self.cfg.tokenizer else "model"
+            self._tokenizer = load_tokenizer(self.cfg.tokenizer or self.cfg.model, flag)
+        return self._tokenizer
+
+    def read(self, source: str, columns: dict[str, str] | None) -> list[dict]:
+        return lm_formats.load_rows(source, self.fmt, columns=columns)
+
+    def tokenize(self, rows: Sequence[dict], source: str) -> list[dict]:
+        return lm_formats.tokenize_rows(
+            rows, self.fmt, self.tokenizer, max_length=self.cfg.max_length, source=source
+        )
+
+    def collate(self, examples: Sequence[dict]) -> dict:
+        return lm_formats.collate(examples, self.fmt, self.tokenizer.pad_token_id)
 
 
 class LMPreference:
@@ -112,7 +136,7 @@ class LMTask:
     """One run of one LM-preference objective."""
 
     def __init__(self, objective: Objective, cfg: Any, hparams: dict[str, object]) -> None:
-        check_paths(cfg)
+        self.data = LMData(cfg, objective.fmt)
         no_ref = cfg.ref_model is not None and cfg.ref_model.lower() == "none"
         if objective.needs_reference and no_ref:
             raise ConfigError(
@@ -126,10 +150,9 @@ class LMTask:
         self.metric_name = (
             "prompt-conditioning accuracy" if objective.name == "sft" else "preference accuracy"
         )
-        self.default_data = lm_formats.default_data(self.fmt)
+        self.default_data = self.data.default_data
         self.default_lr = BUILT_MODEL_LR if cfg.model is None else objective.lr
         self.embedded_steps = EMBEDDED_STEPS
-        self._tokenizer = None
         self.policy: nn.Module | None = None
         self.ref_tables: dict[str, Tensor] = {}
         self.ref_model: nn.Module | None = None  # the frozen reference for --ref-in-pass
@@ -137,10 +160,7 @@ class LMTask:
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            flag = "tokenizer" if self.cfg.tokenizer else "model"
-            self._tokenizer = load_tokenizer(self.cfg.tokenizer or self.cfg.model, flag)
-        return self._tokenizer
+        return self.data.tokenizer
 
     @property
     def pad_id(self) -> int:
@@ -148,18 +168,16 @@ class LMTask:
 
     # ------------------------------------------------------------------------------ data
     def read(self, source: str, columns: dict[str, str] | None) -> list[dict]:
-        return lm_formats.load_rows(source, self.fmt, columns=columns)
+        return self.data.read(source, columns)
 
     def prepare(self, rows: Sequence[dict], source: str, split: str) -> list[dict]:
-        examples = lm_formats.tokenize_rows(
-            rows, self.fmt, self.tokenizer, max_length=self.cfg.max_length, source=source
-        )
+        examples = self.data.tokenize(rows, source)
         if split == "eval" and self.objective.name == "sft":
             self.mismatched = mismatched_completions(examples, self.fmt, self.pad_id)
         return examples
 
     def collate(self, examples: Sequence[dict]) -> dict:
-        return lm_formats.collate(examples, self.fmt, self.pad_id)
+        return self.data.collate(examples)
 
     # ------------------------------------------------------------------------------ model
     def build_model(self, dist: Dist) -> Model:

@@ -19,10 +19,10 @@ from torch import Tensor, nn
 
 from fastpref.families import lm_formats
 from fastpref.families.base import Dist, EvalResult, Model, Objective, StepResult
-from fastpref.families.lm_preference import check_paths, evaluate_preferences
+from fastpref.families.lm_preference import LMData, evaluate_preferences
 from fastpref.losses import RewardScores, rm
 from fastpref.losses.metrics import pairwise_correct
-from fastpref.models import RewardScorer, build_or_load_reward_model, load_tokenizer
+from fastpref.models import RewardScorer, build_or_load_reward_model
 
 __all__ = ["FAMILY", "RewardModel"]
 
@@ -46,31 +46,25 @@ FAMILY = RewardModel()
 
 class RewardTask:
     def __init__(self, objective: Objective, cfg: Any, hparams: dict[str, object]) -> None:
-        check_paths(cfg)
+        self.data = LMData(cfg, FORMAT)
         self.objective, self.cfg, self.hparams = objective, cfg, hparams
         self.metric_name = "preference accuracy"
-        self.default_data = lm_formats.default_data(FORMAT)
+        self.default_data = self.data.default_data
         self.default_lr = BUILT_MODEL_LR if cfg.model is None else objective.lr
         self.embedded_steps = EMBEDDED_STEPS
-        self._tokenizer = None
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            flag = "tokenizer" if self.cfg.tokenizer else "model"
-            self._tokenizer = load_tokenizer(self.cfg.tokenizer or self.cfg.model, flag)
-        return self._tokenizer
+        return self.data.tokenizer
 
     def read(self, source: str, columns: dict[str, str] | None) -> list[dict]:
-        return lm_formats.load_rows(source, FORMAT, columns=columns)
+        return self.data.read(source, columns)
 
     def prepare(self, rows: Sequence[dict], source: str, split: str) -> list[dict]:
-        return lm_formats.tokenize_rows(
-            rows, FORMAT, self.tokenizer, max_length=self.cfg.max_length, source=source
-        )
+        return self.data.tokenize(rows, source)
 
     def collate(self, examples: Sequence[dict]) -> dict:
-        return lm_formats.collate(examples, FORMAT, self.tokenizer.pad_token_id)
+        return self.data.collate(examples)
 
     def build_model(self, dist: Dist) -> Model:
         cfg = self.cfg

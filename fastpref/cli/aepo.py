@@ -137,12 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _assets_digest() -> str:
     from fastpref.paths import ASSETS
 
+    # what the embedded rm run reads: the bundled pairs, tokenizer and tiny-Llama config
+    files = [ASSETS / "data" / "pair_rationale.jsonl", ASSETS / "model" / "config.json"]
+    files += sorted((ASSETS / "tokenizer").glob("*"))
     h = hashlib.sha256()
-    for sub in ("data", "tokenizer", "model"):
-        for f in sorted((ASSETS / sub).rglob("*")):
-            if f.is_file() and f.name != "aepo_responses.jsonl":
-                h.update(f.relative_to(ASSETS).as_posix().encode())
-                h.update(f.read_bytes())
+    for f in files:
+        h.update(f.relative_to(ASSETS).as_posix().encode())
+        h.update(f.read_bytes())
     import fastpref
 
     h.update(fastpref.__version__.encode())

@@ -3,6 +3,7 @@
 from fastpref.ops.infonce import infonce
 from fastpref.ops.linear_logprobs import linear_entropy, linear_logprobs, sequence_logprobs
 from fastpref.ops.listwise import listwise_loss
+from fastpref.ops.similarity_topk import SimilarityTopK, similarity_topk
 
 __all__: list[str] = [
     "linear_logprobs",
@@ -10,4 +11,6 @@ __all__: list[str] = [
     "linear_entropy",
     "listwise_loss",
     "infonce",
+    "similarity_topk",
+    "SimilarityTopK",
 ]

@@ -13,23 +13,11 @@
 //
 // CPU only (at::vec::Vectorized SIMD, no allocation, no ATen tensors): unlike listwise_math.h
 // there is no device twin, so no __host__ __device__ macros. Include this header before any
-// other ATen header: it selects the SIMD capability the Vectorized type is built for.
+// other ATen header: it selects (cpu_capability.h) the SIMD the Vectorized type is built for.
 #pragma once
 
-// ATen's Vectorized<T> is only the real SIMD type when CPU_CAPABILITY_AVX2/AVX512 is defined
-// (ATen defines it per capability for its own kernels); in an extension without it the type is
-// the scalar fallback and exp()/tanh() are per-element libm calls (slow, and slower still where
-// wide logits make expf take its underflow path). Pick the widest capability this compilation
-// targets (-march=native in setup.py) before any ATen header is seen.
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#endif
+#include "fastpref/cpu_capability.h"  // first: before any ATen header
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 

@@ -6,7 +6,14 @@ and keeps its traceback. The subclasses only say where the problem was found.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "InputError", "MissingPathError", "ModelError"]
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "InputError",
+    "MissingPathError",
+    "ModelError",
+    "TrainingError",
+]
 
 
 class InputError(ValueError):
@@ -27,3 +34,7 @@ class ModelError(InputError):
 
 class MissingPathError(InputError, FileNotFoundError):
     """A path the user gave that does not exist."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. non-finite losses); the message says why and what was kept."""

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fastpref.errors import TrainingError
     from fastpref.train import InputError, parse_config, train
 
     try:
@@ -20,6 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, FileNotFoundError) as e:  # bad input, found before training
         print(f"fastpref-train: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:  # training could not go on; what was written is kept
+        print(f"fastpref-train: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -141,6 +141,14 @@ class CoreConfig:
         2, "complete checkpoints kept (older ones are deleted)", _at_least(1)
     )
     resume: bool = _opt(False, "continue from the latest complete checkpoint in --output-dir")
+    nan_policy: str = _opt(
+        "skip",
+        "a step with a NaN/inf loss or gradient norm: skip its update (warn), or stop",
+        choices=("skip", "stop"),
+    )
+    max_bad_steps: int = _opt(
+        10, "--nan-policy skip: stop after this many non-finite steps in a row", _at_least(1)
+    )
     overwrite: bool = _opt(False, "replace the finished run (model/, metrics) in --output-dir")
 
 

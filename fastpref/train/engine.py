@@ -92,10 +92,14 @@ class ClippedAdamW(torch.optim.AdamW):
         sparse = {p: p.grad.coalesce() for p in params if p.grad.is_sparse}
         grads = [sparse[p].values() if p in sparse else p.grad for p in params]
         coef = 1.0
+        self.nonfinite = False
         if grads:
             norms = torch._foreach_norm(grads, 2.0)
             norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
             self._global_grad_norm = norm
+            if not math.isfinite(float(norm)):  # a NaN/inf gradient: no update from it
+                self.nonfinite = True
+                return None
             if self.max_grad_norm > 0:
                 coef = min(1.0, self.max_grad_norm / (float(norm) + 1e-6))
         for p in params:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fastpref.errors import TrainingError
 from fastpref.families import family_of, get_objective
 from fastpref.families.base import Dist, EvalResult, batch_to_device
 from fastpref.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -166,6 +167,22 @@ def _resume(engine, cfg: TrainConfig, ckpt_dir: Path, tag: str | None, data_orde
     return client
 
 
+def _non_finite(cfg: TrainConfig, step: int, in_row: int, bar, ckpt_dir: Path) -> None:
+    """A step whose loss or gradient was NaN/inf made no update: warn, or stop (--nan-policy)."""
+    kept = latest_checkpoint(ckpt_dir)
+    kept = f"; the latest checkpoint, {ckpt_dir / kept}, predates it" if kept else ""
+    if cfg.nan_policy == "stop" or in_row >= cfg.max_bad_steps:
+        why = "--nan-policy stop" if cfg.nan_policy == "stop" else (
+            f"{in_row} in a row (--max-bad-steps {cfg.max_bad_steps})"
+        )  # fmt: skip
+        raise TrainingError(
+            f"step {step}: non-finite loss or gradient norm, {why}; no update was made from "
+            f"it and nothing was saved after it{kept}"
+        )
+    if bar is not None:
+        bar.write(f"step {step}: non-finite loss or gradient norm; its update skipped")
+
+
 def _first_eval(log: RunLog) -> EvalResult | None:
     """The step-0 evaluation a resumed run's log kept from the run it continues."""
     for r in log.records():
@@ -244,7 +261,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=total_steps, initial=start_step, disable=not show, desc=objective.name,
                dynamic_ncols=True)  # fmt: skip
     engine.train()
-    after = None
+    after, bad_steps, bad_in_row = None, resumed.get("bad_steps", 0), 0
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         step_lr = scheduler.get_last_lr()[0] if scheduler is not None else lr  # used by this step
@@ -255,9 +272,13 @@ def train(cfg: TrainConfig) -> dict:
             batch = task.collate([train_ex[i] for i in idx])
             batches.append(batch_to_device(batch, engine.device))
         record = run_step(task, engine, batches, world_size, norm_before_step)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps or record.skipped:
             epoch = (step + 1) * global_batch / len(train_ex)
             log.write(record.as_dict(step + 1, epoch, step_lr, t0))
+        bad_in_row = bad_in_row + 1 if record.skipped else 0
+        bad_steps += record.skipped
+        if record.skipped:
+            _non_finite(cfg, step + 1, bad_in_row, bar if rank == 0 else None, ckpt_dir)
         acc = record.means.get("rewards/accuracies", math.nan)
         bar.set_postfix(loss=f"{record.loss:.4f}", acc=f"{acc:.2f}")
         bar.update(1)
@@ -269,6 +290,7 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             wall = time.perf_counter() - t_start  # the whole run's, across resumes
             client = {"step": step + 1, "data_order": data_order, "wall_s": wall}
+            client["bad_steps"] = bad_steps
             keep = cfg.save_total_limit
             save_checkpoint(engine, ckpt_dir, step + 1, client, keep=keep, rank=rank)
     bar.close()
@@ -285,6 +307,7 @@ def train(cfg: TrainConfig) -> dict:
         "eval_before": before.record() if before else None,
         "eval_after": after.record(),
         "reference_cache_hit": ref_hit,
+        "non_finite_steps": bad_steps,
     }
     save_final(task, engine, out_dir, cfg, log, summary, t_start, rank == 0)
     if rank == 0:

@@ -1,8 +1,15 @@
 """One optimizer step: the task's micro-steps, backward and DeepSpeed's step, then the step's
-metrics reduced over micro-steps and ranks with one all-reduce."""
+metrics reduced over micro-steps and ranks with one all-reduce.
+
+A step whose loss or gradient norm is not finite (on any rank) updates nothing: the optimizer's
+update is skipped (the gradients are still cleared and the schedule advances), and the record
+says ``skipped``; what to do next is the loop's ``--nan-policy``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from dataclasses import dataclass
 
@@ -19,11 +26,12 @@ class StepRecord:
     means: dict[str, float]  # every metric, "loss" included
     grad_norm: float
     tokens: float  # trained tokens over all ranks
+    skipped: bool = False  # a non-finite loss or gradient: no update was made
 
     def as_dict(self, step: int, epoch: float, lr: float, t0: float) -> dict[str, float]:
         """The metrics-log record of step ``step`` that started at ``perf_counter() == t0``."""
         elapsed = time.perf_counter() - t0
-        return {
+        out = {
             "step": step,
             **self.means,
             "epoch": epoch,
@@ -32,6 +40,9 @@ class StepRecord:
             "tokens": self.tokens,
             "tokens/s": self.tokens / elapsed,
         }
+        if self.skipped:
+            out["skipped"] = True
+        return out
 
 
 def _reduce_mean(
@@ -69,17 +80,47 @@ def run_step(task, engine, batches: list[dict], world_size: int, norm_before_ste
     """
     values: dict[str, list[torch.Tensor]] = {}
     tokens = torch.zeros((), device=engine.device)
-    pre_norm = None
+    pre_norm, bad = None, False
     for micro, batch in enumerate(batches):
         result = task.step(engine, batch, "train")
         engine.backward(result.loss)
-        if micro == len(batches) - 1 and norm_before_step:
-            pre_norm = _grad_norm_now(engine)
-        engine.step()
         for k, v in {"loss": result.loss.detach(), **result.metrics}.items():
             values.setdefault(k, []).append(v)
         tokens = tokens + result.tokens
+        last = micro == len(batches) - 1
+        if last:  # before the update: is anything this step computed not finite?
+            if norm_before_step:
+                pre_norm = _grad_norm_now(engine)
+            bad = _any_rank(not _finite(values["loss"], pre_norm), world_size)
+        with _no_update(engine) if last and bad else contextlib.nullcontext():
+            engine.step()
+    bad = bad or bool(getattr(engine.optimizer, "nonfinite", False))
     grad_norm = engine.get_global_grad_norm()  # ClippedAdamW's, or ZeRO's
     means, total = _reduce_mean(values, tokens, world_size)
     norm = float(grad_norm) if grad_norm is not None else (pre_norm or float("nan"))
-    return StepRecord(loss=means["loss"], means=means, grad_norm=norm, tokens=total)
+    return StepRecord(loss=means["loss"], means=means, grad_norm=norm, tokens=total, skipped=bad)
+
+
+def _finite(losses: list[torch.Tensor], norm: float | None) -> bool:
+    return bool(torch.isfinite(torch.stack(losses)).all()) and (norm is None or math.isfinite(norm))
+
+
+def _any_rank(flag: bool, world_size: int) -> bool:
+    """True on every rank when ``flag`` is true on any (so all ranks skip together)."""
+    if world_size == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+@contextlib.contextmanager
+def _no_update(engine):
+    """DeepSpeed's step (gradients cleared, schedule and counters advanced) without the
+    optimizer's update."""
+    optimizer = engine.optimizer
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del optimizer.step

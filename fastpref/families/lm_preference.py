@@ -86,6 +86,7 @@ def _model_kwargs(cfg: Any, tokenizer: Any) -> dict:
         attn=cfg.attn_implementation,
         dtype=_dtype(cfg),
         trust_remote_code=cfg.trust_remote_code,
+        allow_pickle=cfg.allow_pickle,
     )
 
 
@@ -197,7 +198,7 @@ class LMTask:
             ref_path = self.cfg.model
         else:
             ref_lm = build_or_load_causal_lm(
-                self.cfg.ref_model, **_model_kwargs(self.cfg, self.tokenizer)
+                self.cfg.ref_model, **_model_kwargs(self.cfg, self.tokenizer), flag="ref-model"
             )
             ref_path = self.cfg.ref_model
         settings = {

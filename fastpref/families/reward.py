@@ -76,6 +76,7 @@ class RewardTask:
             attn=cfg.attn_implementation,
             dtype=torch.bfloat16 if cfg.bf16 else None,
             trust_remote_code=cfg.trust_remote_code,
+            allow_pickle=cfg.allow_pickle,
         )
         vocab = model.get_input_embeddings().num_embeddings
         return Model(module=RewardScorer(model), vocab=vocab, hf_model=model)

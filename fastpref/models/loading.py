@@ -29,6 +29,7 @@ __all__ = [
     "load_tokenizer",
     "loading",
     "model_identity",
+    "trusted_kwargs",
 ]
 
 
@@ -140,22 +141,26 @@ def build_or_load_causal_lm(
     attn: str = "auto",
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    flag: str = "model",
 ) -> nn.Module:
     """The causal LM at ``path``, or (``path=None``) the bundled tiny Llama built with ``seed``.
 
     The built model's weights depend only on the bundled config and ``seed`` (the global RNG is
-    left untouched), so the policy and a reference built the same way are identical.
+    left untouched), so the policy and a reference built the same way are identical. Loading
+    refuses model code shipped with a checkpoint unless ``trust_remote_code`` and pickle weights
+    unless ``allow_pickle`` (see :func:`trusted_kwargs`); ``flag`` names the option in errors.
     """
     from transformers import AutoModelForCausalLM
 
     attn = attention_implementation(attn, dtype)
     if path is not None:
-        check_model_path(path)
-        with loading("model", path):
+        check_model_path(path, flag)
+        with loading(flag, path):
             return AutoModelForCausalLM.from_pretrained(
                 path,
                 attn_implementation=attn,
-                trust_remote_code=trust_remote_code,
+                **trusted_kwargs(path, flag, trust_remote_code, allow_pickle),
                 **_version_kwargs(dtype),
             )
     config = _bundled_config(vocab_size, attn_implementation=attn)
@@ -174,20 +179,23 @@ def build_or_load_reward_model(
     attn: str = "auto",
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    flag: str = "model",
 ) -> nn.Module:
     """``AutoModelForSequenceClassification`` with ``num_labels=1`` at ``path`` (a causal-LM
-    checkpoint gets a freshly initialised head), or the bundled tiny Llama built with ``seed``."""
+    checkpoint gets a freshly initialised head), or the bundled tiny Llama built with ``seed``.
+    Trust and pickle rules as :func:`build_or_load_causal_lm`."""
     from transformers import AutoModelForSequenceClassification
 
     attn = attention_implementation(attn, dtype)
     if path is not None:
-        check_model_path(path)
-        with loading("model", path):
+        check_model_path(path, flag)
+        with loading(flag, path):
             model = AutoModelForSequenceClassification.from_pretrained(
                 path,
                 num_labels=1,
                 attn_implementation=attn,
-                trust_remote_code=trust_remote_code,
+                **trusted_kwargs(path, flag, trust_remote_code, allow_pickle),
                 **_version_kwargs(dtype),
             )
     else:
@@ -198,6 +206,40 @@ def build_or_load_reward_model(
         model = model.to(dtype) if dtype is not None else model
     model.config.pad_token_id = pad_token_id
     return model
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def trusted_kwargs(path: str, flag: str, trust_remote_code: bool, allow_pickle: bool) -> dict:
+    """``from_pretrained`` keywords that load only what the user trusted: a local checkpoint
+    that ships model code (``auto_map`` in its config) is refused without
+    ``--trust-remote-code``, and one whose weights are only pickle files (``.bin``: unpickling
+    can run code) without ``--allow-pickle``; weights load through safetensors otherwise."""
+    local = Path(os.path.expanduser(path))
+    if local.is_dir():
+        config = local / "config.json"
+        try:
+            auto_map = "auto_map" in json.loads(config.read_text()) if config.exists() else False
+        except (OSError, json.JSONDecodeError):
+            auto_map = False
+        if auto_map and not trust_remote_code:
+            raise ModelError(
+                f"--{flag} {path!r} ships its own model code (auto_map in config.json); pass "
+                "--trust-remote-code to run it, only for a checkpoint you trust"
+            )
+        names = [p.name for p in local.iterdir()]
+        has_safe = any(n.endswith(".safetensors") for n in names)
+        pickled = [n for n in names if n.endswith(_PICKLE_SUFFIXES) and "training_args" not in n]
+        if pickled and not has_safe and not allow_pickle:
+            raise ModelError(
+                f"--{flag} {path!r} has only pickle weights ({', '.join(sorted(pickled))}); "
+                "loading them can run code: pass --allow-pickle for a checkpoint you trust, or "
+                "convert it to safetensors"
+            )
+        if pickled and not has_safe:
+            return {"trust_remote_code": trust_remote_code, "use_safetensors": False}
+    return {"trust_remote_code": trust_remote_code, "use_safetensors": not allow_pickle or None}
 
 
 def _digest_state(model: nn.Module) -> str:

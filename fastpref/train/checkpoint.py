@@ -12,19 +12,27 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastpref.errors import ConfigError
+
 __all__ = ["latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 
 
+_TAG = re.compile(r"step_\d{6}")
+
+
 def rng_state() -> dict:
+    """Every RNG's state as tensors, lists and numbers (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -33,8 +41,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -51,6 +61,8 @@ def latest_checkpoint(ckpt_dir: Path) -> str | None:
     if not latest.exists():
         return None
     tag = latest.read_text().strip()
+    if not _TAG.fullmatch(tag):  # only a checkpoint of this directory, never a path elsewhere
+        raise ConfigError(f"{latest}: names {tag!r}, not a checkpoint of this run (step_NNNNNN)")
     return tag if (Path(ckpt_dir) / tag).is_dir() else None
 
 
@@ -91,5 +103,5 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:
         raise RuntimeError(f"could not load checkpoint {ckpt_dir / tag}")
     rng_file = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
     if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state

@@ -79,6 +79,7 @@ class CoreConfig:
     )
     tokenizer: str | None = _opt(None, "tokenizer path; unset: --model's, else the bundled one")
     trust_remote_code: bool = _opt(False, "let transformers run code shipped with the model")
+    allow_pickle: bool = _opt(False, "load pickle (.bin) weights; unpickling can run code")
     attn_implementation: str = _opt("auto", "auto (sdpa; flash_attention_2 with flash-attn on GPU)")
     # data
     data: str | None = _opt(

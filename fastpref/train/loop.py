@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -129,8 +130,42 @@ def _open_run(cfg: TrainConfig, dist: Dist) -> tuple[Path, str | None]:
         )
     if dist.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+    _lock_run_dir(out_dir, dist)
+    if dist.rank == 0:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     return out_dir, latest_checkpoint(ckpt_dir) if cfg.resume else None
+
+
+_RUN_LOCKS: dict[Path, object] = {}  # held open (and so locked) until this process ends
+
+
+def _lock_run_dir(out_dir: Path, dist: Dist) -> None:
+    """One live run per directory: rank 0 holds an exclusive lock on ``<out_dir>/.lock`` for
+    the life of the process; a second run pointed at it refuses (on every rank)."""
+    import fcntl
+
+    problem = None
+    if dist.rank == 0 and out_dir.resolve() not in _RUN_LOCKS:
+        handle = open(out_dir / ".lock", "a+")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            problem = f"{out_dir} is in use by a live run ({owner}); choose another --output-dir"
+        else:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}")
+            handle.flush()
+            _RUN_LOCKS[out_dir.resolve()] = handle
+    if dist.world_size > 1:
+        shared = [problem]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        raise ConfigError(problem)
 
 
 def _recorded(cfg: TrainConfig, lr: float, out_dir: Path) -> TrainConfig:
@@ -315,4 +350,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"held-out {task.metric_name}{change} {after.accuracy:.3f}")
         print(f"saved {out_dir / 'model'} ({time.perf_counter() - t_start:.0f} s)")
     log.close()
+    handle = _RUN_LOCKS.pop(out_dir.resolve(), None)
+    if handle is not None:
+        handle.close()  # the run is over: the directory is free again
     return summary

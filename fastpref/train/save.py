@@ -4,6 +4,8 @@ the summary and the curves."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -23,14 +25,16 @@ def save_final(
         # Training is over: the moments (2x the model) go before saving reads every weight and
         # the plot loads matplotlib, so the run's last acts do not set its peak memory.
         engine.optimizer.state.clear()
-    final_dir = out_dir / "model"
+    final_dir, partial = out_dir / "model", out_dir / "model.partial"
+    state = None
     if cfg.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
-        if is_main:
-            state = {k.removeprefix("model."): v for k, v in state.items()}
-            task.save(engine.module, final_dir, state)
-    elif is_main:
-        task.save(engine.module, final_dir, None)
+        state = {k.removeprefix("model."): v for k, v in state.items()} if is_main else None
+    if is_main:  # written aside, then renamed: a killed save never leaves a model/ that looks whole
+        shutil.rmtree(partial, ignore_errors=True)
+        task.save(engine.module, partial, state)
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(partial, final_dir)
     summary["wall_s"] = time.perf_counter() - t_start
     if is_main:
         title = f"fastpref-train --loss {summary['loss']}"

@@ -31,6 +31,15 @@ DEFAULT_OUTPUT = "preference.jsonl"
 _CHUNK_TEXTS = 256  # responses embedded per chunk; rows are journaled after each chunk
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one (unset options say what unset means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastpref.data.aepo import DEFAULT_DIVERSITY_PENALTY, DEFAULT_RESTARTS, EXACT_LIMIT
     from fastpref.models.annotate import TEMPLATES
@@ -39,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Annotation-efficient preference data (AEPO, arXiv 2405.13541) and West-of-N.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     p.add_argument(
         "dataset",

@@ -22,11 +22,20 @@ from fastpref.errors import ConfigError, InputError, MissingPathError, ModelErro
 PROG = "fastpref-sample"
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one (unset options say what unset means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Sample N responses per prompt from a causal LM (input for fastpref-aepo).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     p.add_argument("--model", required=True, help="causal LM path (or hub name when online)")
     p.add_argument("--tokenizer", help="tokenizer path; unset: --model's")

@@ -32,7 +32,13 @@ Where this differs from the authors' code (``aepo`` 0.1.6), on purpose:
   index);
 - the local search is deterministic (best improvement, ties to the lowest index; random starts
   only from ``seed``) and runs to a local optimum, not for 20 unseeded random swaps;
-- each response is embedded once per instruction, not 2N times, and on the model's device.
+- each response is embedded once per instruction, not 2N times, and on the model's device;
+  reward-model calls are batched, not one per response;
+- no similarity-matrix cache (theirs is keyed by instruction index only, so it goes stale when N
+  or the measure changes, and is text despite its ``.npy`` name);
+- a file with fewer rows than ``--num-instructions`` uses the rows it has (theirs raises an
+  IndexError). Their other slips (the ``compute_similatiy`` NameError, the Eurus template's
+  ``[\\INST]``, an unconditional ``llm_blender`` import) have no counterpart here.
 """
 
 from __future__ import annotations

@@ -174,3 +174,120 @@ def test_latest_ignores_partial_and_missing_checkpoints(tmp_path):
     assert latest_checkpoint(ckpt) == "step_000002"
     (ckpt / "latest").write_text("step_000006")  # names a directory that is gone
     assert latest_checkpoint(ckpt) is None
+
+
+# Kill points inside a checkpoint write (the step-4 one of a save-every-2 run): after DeepSpeed
+# wrote its files, before the partial directory is renamed, and between the rename and the new
+# `latest`. Each run SIGKILLs itself there; the resumed run must start from step 2 (never from a
+# partial step 4) and reproduce the uninterrupted losses.
+_KILL_IN_CHECKPOINT = """
+import os, signal, sys
+point = sys.argv.pop(1)
+import deepspeed
+from fastpref.cli.train import main
+import fastpref.train.checkpoint as ckpt
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+save = deepspeed.DeepSpeedEngine.save_checkpoint
+def save_then_die(self, save_dir, tag=None, **kw):
+    out = save(self, save_dir, tag=tag, **kw)
+    if point == "after_deepspeed" and tag == "step_000004.partial":
+        die()
+    return out
+deepspeed.DeepSpeedEngine.save_checkpoint = save_then_die
+
+replace = os.replace
+def replace_or_die(src, dst):
+    src, dst = str(src), str(dst)
+    if point == "before_rename" and src.endswith("step_000004.partial"):
+        die()
+    if point == "before_latest" and dst.endswith("latest") and os.path.isdir(
+        os.path.join(os.path.dirname(dst), "step_000004")
+    ):
+        die()
+    return replace(src, dst)
+ckpt.os.replace = replace_or_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("point", ["after_deepspeed", "before_rename", "before_latest"])
+def test_kill_inside_a_checkpoint_write_resumes_from_the_last_whole_one(
+    assets, tmp_path, one_process, point
+):
+    argv = _args(assets, tmp_path, "killed", *ONE, "--save-every", "2")
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_IN_CHECKPOINT, point, *argv],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-4000:]
+    ckpts = tmp_path / "killed" / "checkpoints"
+    assert latest_checkpoint(ckpts) == "step_000002"
+    out = _finish(_launch(argv + ["--resume"]))
+    assert "at step 2" in out
+    expected = [r["loss"] for r in _steps(one_process)]
+    resumed = [r["loss"] for r in _steps(tmp_path / "killed")]
+    assert resumed == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert latest_checkpoint(ckpts) == "step_000006" and not list(ckpts.glob("*.partial"))
+
+
+# Kill points in the other two writes: the final save_pretrained (the model is written to
+# model.partial and renamed, so a killed save never leaves a model/ that looks whole) and the
+# reference-cache file (written to a temporary name and renamed: a killed write is recomputed).
+_KILL_IN_WRITE = """
+import os, signal, sys
+point = sys.argv.pop(1)
+import transformers, torch
+import fastpref.train.reference as reference
+from fastpref.cli.train import main
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if point == "final_save":
+    save = transformers.PreTrainedModel.save_pretrained
+    def save_then_die(self, *a, **k):
+        save(self, *a, **k)
+        die()
+    transformers.PreTrainedModel.save_pretrained = save_then_die
+else:
+    torch_save = torch.save
+    def half_then_die(obj, f, *a, **k):
+        with open(f, "wb") as out:
+            out.write(b"half a table")
+        die()
+    reference.torch.save = half_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("point", ["final_save", "reference_cache"])
+def test_kill_inside_the_final_save_or_the_cache_write_leaves_nothing_half_written(
+    assets, tmp_path, point
+):
+    argv = _args(assets, tmp_path, "killed", "--micro-batch", "4", "--save-every", "2", steps=2)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_IN_WRITE, point, *argv],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-4000:]
+    run = tmp_path / "killed"
+    assert not (run / "model").exists()
+    if point == "reference_cache":  # only the temporary file, never a table under its key
+        cache = tmp_path / "cache" / "ref_logps"
+        assert list(cache.glob("*.tmp*")) and not list(cache.glob("*.pt"))
+    rerun = argv + (["--resume"] if point == "final_save" else ["--overwrite"])
+    out = _finish(_launch(rerun))
+    assert (run / "model" / "model.safetensors").exists() and not (run / "model.partial").exists()
+    if point == "reference_cache":
+        assert "precomputed and cached" in out  # the half-written file was never trusted

@@ -9,6 +9,9 @@ writes, under the output directory:
     data/list.jsonl            prompt/responses[4]/scores[4]     (lipo)
     data/sft.jsonl             prompt/completion                 (sft)
     data/aepo_responses.jsonl  prompt/responses[16]              (fastpref-aepo's default input)
+    data/rerank.jsonl          qid/query/passages[20-30]/relevance (rankllm; 10% held out)
+    data/rerank_dev.jsonl      the same kind of lists, other queries (fastpref-rerank)
+    tokenizer_rerank/          a BPE like tokenizer/, trained on the reranking prompts (rankllm)
     tokenizer/                 byte-level BPE (AutoTokenizer.from_pretrained loads it offline)
     model/config.json          a 2-layer, 128-wide Llama sized to the tokenizer
 
@@ -38,6 +41,8 @@ N_LIST = 1000
 N_SFT = 1500
 N_AEPO = 100  # instructions of the bundled fastpref-aepo input
 AEPO_RESPONSES = 16  # responses per instruction (N)
+N_RERANK = 400  # queries of the bundled reranking lists (rankllm), and a dev set of
+N_RERANK_DEV = 50  # other queries for fastpref-rerank
 VOCAB_SIZE = 1024  # a multiple of 64, so the model's vocab_size equals the tokenizer's
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -278,6 +283,58 @@ def make_aepo_responses(rng: random.Random, n: int, per_prompt: int) -> list[dic
     return rows
 
 
+RERANK_QUERIES = ["{a} in {t}", "{t}: {a}", "how {a} matters in {t}", "{t} and {a}", "{a} for {t}"]
+# short passages, so that a 20-passage prompt stays a few hundred tokens
+RERANK_BODIES = [
+    "{T}: {a} and {b}.",
+    "{a} and {b} in {t}.",
+    "{T} needs {a} and {b}.",
+    "On {t}, {a} and {b}.",
+    "{T} means {a}, then {b}.",
+]
+
+
+def make_rerank(rng: random.Random, n: int, prefix: str) -> list[dict]:
+    """Candidate lists for a listwise reranker. A query names a topic t and one of its words a;
+    each of its 20-30 candidates is a short sentence: relevance 2 if it is about t and
+    names a, 1 if it is about t without a, 0 if it is about another topic (1-2, 2-4 and the rest).
+    The candidates come in a first-stage order that leans relevant ones to the front, as a
+    retriever's would: sorted by relevance + N(0, 2), so reranking has much to gain."""
+    rows = []
+    for i in range(n):
+        topic = rng.choice(sorted(TOPICS))
+        word = rng.choice(TOPICS[topic])
+        others = [w for w in TOPICS[topic] if w != word]
+        size, n2, n1 = rng.randint(20, 30), rng.randint(1, 2), rng.randint(2, 4)
+        graded: list[tuple[str, int]] = []
+        seen: set[str] = set()
+        while len(graded) < size:
+            rel = 2 if len(graded) < n2 else 1 if len(graded) < n2 + n1 else 0
+            about = topic if rel else _other(rng, topic)
+            if rel == 2:
+                a, b = rng.sample([word, rng.choice(others)], 2)
+            elif rel == 1:
+                a, b = rng.sample(others, 2)
+            else:
+                a, b = rng.sample(TOPICS[about], 2)
+            body = rng.choice(RERANK_BODIES)
+            text = body.format(t=about, T=about[0].upper() + about[1:], a=a, b=b)
+            text = text[0].upper() + text[1:]
+            if text not in seen:
+                seen.add(text)
+                graded.append((text, rel))
+        keyed = sorted(graded, key=lambda g: g[1] + rng.gauss(0.0, 2.0), reverse=True)
+        rows.append(
+            {
+                "qid": f"{prefix}{i}",
+                "query": rng.choice(RERANK_QUERIES).format(t=topic, a=word),
+                "passages": [text for text, _ in keyed],
+                "relevance": [rel for _, rel in keyed],
+            }
+        )
+    return rows
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -299,6 +356,21 @@ def _corpus(datasets: dict[str, list[dict]]) -> list[str]:
                     texts.append(value)
                 elif isinstance(value, list):
                     texts.extend(v for v in value if isinstance(v, str))
+    return texts
+
+
+def _rerank_corpus(rows: list[dict]) -> list[str]:
+    """The prompts and targets fastpref-train --loss rankllm builds from `rows` (its template)."""
+    from fastpref.families.reranker_formats import IDENTIFIERS, PROMPT, build_user_prompt
+
+    names = IDENTIFIERS["alpha"]
+    texts = []
+    for row in rows:
+        k = min(20, len(row["passages"]))
+        order = sorted(range(k), key=lambda j: -row["relevance"][j])
+        texts.append(PROMPT.system)
+        texts.append(build_user_prompt(row["query"], row["passages"][:k], names, "alpha", 300))
+        texts.append(" > ".join(f"[{names[j]}]" for j in order))
     return texts
 
 
@@ -403,6 +475,17 @@ def generate(out: Path) -> None:
     # byte-identical to the ones written before this file existed.
     aepo = make_aepo_responses(random.Random(SEED + 1), N_AEPO, AEPO_RESPONSES)
     _write_jsonl(out / "data" / "aepo_responses.jsonl", aepo)
+    # The reranking lists likewise: their own generator, outside the tokenizer's corpus (their
+    # words are TOPICS', which the corpus already holds).
+    rng = random.Random(SEED + 2)
+    _write_jsonl(out / "data" / "rerank.jsonl", make_rerank(rng, N_RERANK, "q"))
+    _write_jsonl(out / "data" / "rerank_dev.jsonl", make_rerank(rng, N_RERANK_DEV, "dev"))
+    # The reranker's own tokenizer (same size, special tokens and chat template, so the same model
+    # config fits): trained on its prompts, a 20-passage prompt is ~2.5x fewer tokens than with
+    # tokenizer/, whose BPE never saw the prompt's words. Passage identifiers stay single tokens
+    # after "[" (the byte-level pre-tokenizer splits letters from brackets).
+    rows = make_rerank(random.Random(SEED + 2), N_RERANK, "q")
+    make_tokenizer(_rerank_corpus(rows), out / "tokenizer_rerank")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,7 @@ from fastpref.losses import (
     ranknet_loss,
     rankpo,
 )
+from fastpref.losses.rankllm import RankLLMOutputs
 
 # name -> (inputs type, data_format, needs_reference, hyperparameter defaults). This table is
 # the documented contract the trainer codes against; a change here is a change of the CLI.
@@ -57,6 +58,17 @@ EXPECTED = {
     "rorpo": (PairLogps, "pair_rationale", False, {"beta": 0.1, "gamma": 1.0}),
     "lipo": (ListLogps, "list", True, {"beta": 0.1}),
     "rm": (RewardScores, "pair", False, {"center_rewards_coefficient": 0.0}),
+    "rankllm": (
+        RankLLMOutputs,
+        "rankllm",
+        False,
+        {
+            "objective": "combined",
+            "ranking_loss": "ranknet",
+            "weighted": False,
+            "ranking_weight": None,
+        },
+    ),
 }
 
 
@@ -84,6 +96,10 @@ def example_inputs(cls: type, reference: bool = True):
         return SFTLogps(lp(3), tokens)
     if cls is RewardScores:
         return RewardScores(torch.randn(3, generator=g), torch.randn(3, generator=g))
+    if cls is RankLLMOutputs:
+        mask = torch.tensor([[True] * 4, [True, True, True, False], [True, True, False, False]])
+        relevance = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 3.0, 2.0, 0.0], [1.0, 2.0, 0.0, 0.0]])
+        return RankLLMOutputs(relevance, mask, lp(3), tokens, torch.randn(3, 4, generator=g))
     raise AssertionError(cls)
 
 

@@ -291,3 +291,78 @@ def test_kill_inside_the_final_save_or_the_cache_write_leaves_nothing_half_writt
     assert (run / "model" / "model.safetensors").exists() and not (run / "model.partial").exists()
     if point == "reference_cache":
         assert "precomputed and cached" in out  # the half-written file was never trusted
+
+
+# Disk full, as RLIMIT_FSIZE does it: once the step-2 checkpoint is whole, no file may grow past
+# 64 KiB (SIGXFSZ ignored, so a write fails with EFBIG as on a full disk). The step-4 checkpoint
+# cannot be written: the run stops with exit 1 and a message naming the path, and the step-2
+# checkpoint and the metrics written so far are intact.
+_FULL_DISK_AFTER_STEP_2 = """
+import resource, signal, sys
+import fastpref.train.loop as loop
+from fastpref.cli.train import main
+save = loop.save_checkpoint
+def save_then_fill(engine, ckpt_dir, step, *a, **k):
+    tag = save(engine, ckpt_dir, step, *a, **k)
+    if step == 2:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+    return tag
+loop.save_checkpoint = save_then_fill
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_full_disk_stops_with_the_path_and_keeps_what_was_whole(assets, tmp_path):
+    argv = _args(assets, tmp_path, "full", "--micro-batch", "4", "--save-every", "2")
+    proc = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_AFTER_STEP_2, *argv],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout[-4000:]
+    ckpts = tmp_path / "full" / "checkpoints"
+    assert f"writing checkpoint {ckpts / 'step_000004.partial'} failed" in proc.stdout
+    assert "Traceback" not in proc.stdout
+    assert latest_checkpoint(ckpts) == "step_000002" and not list(ckpts.glob("*.partial"))
+    assert [r["step"] for r in _steps(tmp_path / "full")] == [1, 2, 3, 4]  # whole lines only
+    resumed = _finish(_launch(argv + ["--resume"]))
+    assert "at step 2" in resumed
+
+
+# A rank that fails mid-step: the job ends non-zero with that rank's error (torchrun stops the
+# other rank, which would otherwise wait in the next all-reduce), well within the timeout.
+_RANK_1_FAILS = """
+import os, sys
+from fastpref.families.lm_preference import LMTask
+from fastpref.cli.train import main
+step = LMTask.step
+calls = [0]
+def fail_on_rank_1(self, *a, **k):
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 2:
+        raise RuntimeError("injected failure on rank 1 at its second micro-step")
+    return step(self, *a, **k)
+LMTask.step = fail_on_rank_1
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(assets, tmp_path):
+    script = tmp_path / "fail_rank_1.py"
+    script.write_text(_RANK_1_FAILS)
+    argv = _args(assets, tmp_path, "failing", "--micro-batch", "2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*cmd, f"--master_port={_port()}", str(script), *argv],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode != 0
+    assert "injected failure on rank 1 at its second micro-step" in proc.stdout

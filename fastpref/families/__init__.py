@@ -65,9 +65,9 @@ def family_of(name: str) -> Family:
 
 
 def _register_builtin() -> None:
-    from fastpref.families import lm_preference, reward
+    from fastpref.families import lm_preference, reranker, reward
 
-    for family in (lm_preference.FAMILY, reward.FAMILY):
+    for family in (lm_preference.FAMILY, reward.FAMILY, reranker.FAMILY):
         register(family)
 
 

@@ -35,6 +35,11 @@ def _label_smoothing(name: str, value: object) -> None:
     check_label_smoothing(value)
 
 
+def _bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 def _choice(*choices: str) -> Callable[[str, object], None]:
     return lambda name, value: check_choice(name, value, choices)
 
@@ -57,4 +62,24 @@ HPARAMS: dict[str, Hparam] = {
     ),
     "desirable_weight": Hparam(float, "kto: weight > 0 of desirable examples", check_positive),
     "undesirable_weight": Hparam(float, "kto: weight > 0 of undesirable examples", check_positive),
+    "objective": Hparam(
+        str,
+        "rankllm: generation (LM) | ranking (FIRST) | combined (LM + λ·ranking); unset: combined",
+        _choice("generation", "ranking", "combined"),
+        ("generation", "ranking", "combined"),
+    ),
+    "ranking_loss": Hparam(
+        str,
+        "rankllm: learning-to-rank loss over the identifier logits; unset: ranknet",
+        _choice("ranknet", "lambda", "listnet", "listmle"),
+        ("ranknet", "lambda", "listnet", "listmle"),
+    ),
+    "weighted": Hparam(
+        bool, "rankllm: FIRST's 1/(r_i + r_j) pair weights (ranknet, lambda); unset: off", _bool
+    ),
+    "ranking_weight": Hparam(
+        float,
+        "rankllm: λ ≥ 0 of combined; unset: 10 weighted ranknet, 0.1 listnet, else 1",
+        check_nonnegative,
+    ),
 }

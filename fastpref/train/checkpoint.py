@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastpref.errors import ConfigError
+from fastpref.errors import ConfigError, TrainingError
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 
@@ -78,8 +78,21 @@ def save_checkpoint(
     _barrier()
     # per-rank RNG states travel in the per-rank client state (DeepSpeed saves rank 0's only, so
     # each rank also writes its own small file)
-    engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), ckpt_dir / partial / f"rng_rank{rank}.pt")
+    try:
+        engine.save_checkpoint(
+            str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False
+        )
+        torch.save(rng_state(), ckpt_dir / partial / f"rng_rank{rank}.pt")
+    except (OSError, RuntimeError) as e:  # disk full, file too large, unwritable (torch.save
+        # reports a short write as a RuntimeError): stop, and keep what is whole
+        shutil.rmtree(ckpt_dir / partial, ignore_errors=True)
+        kept = latest_checkpoint(ckpt_dir)
+        why = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1]
+        raise TrainingError(
+            f"writing checkpoint {ckpt_dir / partial} failed ({why}); "
+            + (f"the latest complete checkpoint, {ckpt_dir / kept}," if kept else "no checkpoint")
+            + " and the metrics written so far are intact"
+        ) from e
     _barrier()
     if rank == 0:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)

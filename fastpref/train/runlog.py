@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from fastpref.errors import TrainingError
+
 __all__ = ["RunLog", "plot_curves"]
 
 
@@ -47,8 +49,18 @@ class RunLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        line = json.dumps(record) + "\n"
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            size = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError as e:  # disk full: no half line left behind, the run stops
+                f.truncate(size)
+                raise TrainingError(
+                    f"writing {self.path} failed ({e.strerror or e}); its first "
+                    f"{size} bytes (every earlier record) are intact"
+                ) from e
         if self.writer is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from fastpref.errors import TrainingError
 from fastpref.train.runlog import RunLog, plot_curves
 
 __all__ = ["save_final"]
@@ -32,7 +33,14 @@ def save_final(
         state = {k.removeprefix("model."): v for k, v in state.items()} if is_main else None
     if is_main:  # written aside, then renamed: a killed save never leaves a model/ that looks whole
         shutil.rmtree(partial, ignore_errors=True)
-        task.save(engine.module, partial, state)
+        try:
+            task.save(engine.module, partial, state)
+        except OSError as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise TrainingError(
+                f"saving the final model to {partial} failed ({e.strerror or e}); the "
+                "checkpoints and metrics.jsonl are intact (--resume saves it again)"
+            ) from e
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(partial, final_dir)
     summary["wall_s"] = time.perf_counter() - t_start

@@ -27,8 +27,14 @@ from fastpref.paths import LOCAL_DATA_SUFFIXES, looks_local
 
 def _read_jsonl(path: Path) -> tuple[str, list[tuple[int, Any]]]:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark is no data
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {lineno}: not UTF-8 text ({e.reason})") from None
             if not line.strip():
                 continue
             try:
@@ -39,7 +45,10 @@ def _read_jsonl(path: Path) -> tuple[str, list[tuple[int, Any]]]:
 
 
 def _read_json(path: Path) -> tuple[str, list[tuple[int, Any]]]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:
@@ -57,7 +66,14 @@ def _read_json(path: Path) -> tuple[str, list[tuple[int, Any]]]:
 def _read_with_datasets(builder: str, path: Path) -> tuple[str, list[tuple[int, Any]]]:
     import datasets
 
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 - Arrow's and the builder's errors name no row
+        cause = e.__cause__ or e.__context__ or e
+        raise DataError(
+            f"{path}: cannot read it as {builder.upper()} ({type(cause).__name__}: "
+            f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else cause!r})"
+        ) from e
     return "row", list(enumerate(ds, start=1))
 
 

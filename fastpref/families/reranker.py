@@ -95,7 +95,8 @@ OPTIONS = (
 class Reranker:
     name = "reranker"
     summary = "causal LM listwise reranker (RankZephyr / FIRST), sliding-window nDCG@10"
-    objectives = (Objective("rankllm", rankllm, rf.FORMAT, False, 5e-6),)  # rank_llm's lr
+    # rank_llm's default lr 5e-6 for a pretrained model
+    objectives = (Objective("rankllm", rankllm, rf.FORMAT, False, 5e-6, rf.COLUMNS),)
     options = OPTIONS
 
     def start(self, objective: Objective, cfg: Any, hparams: dict[str, object]) -> RerankTask:

@@ -40,6 +40,7 @@ from fastpref.data import DataError, Encoder, Row, load_records, pad_and_label, 
 from fastpref.errors import ConfigError
 
 __all__ = [
+    "COLUMNS",
     "FORMAT",
     "IDENTIFIERS",
     "PROMPT",
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 FORMAT = "rankllm"
+COLUMNS = "conversations, or query, passages, ranking|relevance (+ qid, docids)"
 IDENTIFIERS = {
     "alpha": tuple(chr(ord("A") + i) for i in range(26)),
     "numeric": tuple(str(i) for i in range(1, 101)),

@@ -13,6 +13,7 @@ import torch
 from fastpref.families import OBJECTIVES as LOSSES
 from fastpref.families import get_objective as get_loss
 from fastpref.losses import (
+    ContrastiveEmbeddings,
     KTOLogps,
     ListLogps,
     LossMetrics,
@@ -69,6 +70,21 @@ EXPECTED = {
             "ranking_weight": None,
         },
     ),
+    "infonce": (ContrastiveEmbeddings, "triples", False, {"temperature": 0.05, "symmetric": False}),
+    "rankpo": (
+        RankPOScores,
+        "preference",
+        True,
+        {
+            "tau": 0.02,
+            "beta": 1.0,
+            "gamma": 0.0,
+            "loss_type": "sigmoid",
+            "label_smoothing": 0.0,
+            "sft_weight": 0.0,
+            "reference_free": False,
+        },
+    ),
 }
 
 
@@ -100,6 +116,12 @@ def example_inputs(cls: type, reference: bool = True):
         mask = torch.tensor([[True] * 4, [True, True, True, False], [True, True, False, False]])
         relevance = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 3.0, 2.0, 0.0], [1.0, 2.0, 0.0, 0.0]])
         return RankLLMOutputs(relevance, mask, lp(3), tokens, torch.randn(3, 4, generator=g))
+    if cls is RankPOScores:
+        return RankPOScores(torch.rand(3, generator=g), torch.rand(3, generator=g), ref(3), ref(3))
+    if cls is ContrastiveEmbeddings:  # 3 queries, groups of 2; query 2's positive is query 0's
+        q, p = torch.randn(3, 8, generator=g), torch.randn(6, 8, generator=g)
+        keys = torch.tensor([1, 2, 3, 4, 1, 5])
+        return ContrastiveEmbeddings(q, p, keys, keys[::2, None])
     raise AssertionError(cls)
 
 

@@ -69,6 +69,9 @@ def _register_builtin() -> None:
 
     for family in (lm_preference.FAMILY, reward.FAMILY, reranker.FAMILY):
         register(family)
+    from fastpref.families import embedding
+
+    register(embedding.FAMILY)
 
 
 _register_builtin()

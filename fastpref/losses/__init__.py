@@ -8,6 +8,7 @@ data is the families' registry, ``fastpref.families``.
 
 from __future__ import annotations
 
+from fastpref.losses.contrastive import infonce_loss
 from fastpref.losses.hparams import HPARAMS, Hparam
 from fastpref.losses.kto import kto, kto_reference_point
 from fastpref.losses.listwise import (
@@ -26,6 +27,7 @@ from fastpref.losses.rationale import rdpo, rorpo
 from fastpref.losses.reference_free import cpo, orpo, simpo
 from fastpref.losses.sft_rm import rm, sft
 from fastpref.losses.types import (
+    ContrastiveEmbeddings,
     KTOLogps,
     ListLogps,
     PairLogps,
@@ -36,6 +38,7 @@ from fastpref.losses.types import (
 
 __all__ = [
     "HPARAMS",
+    "ContrastiveEmbeddings",
     "Hparam",
     "KTOLogps",
     "ListLogps",
@@ -48,6 +51,7 @@ __all__ = [
     "cpo",
     "dpo",
     "hinge",
+    "infonce_loss",
     "ipo",
     "kto",
     "kto_reference_point",

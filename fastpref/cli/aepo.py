@@ -203,6 +203,8 @@ def _subset_size(args: argparse.Namespace, n: int) -> int:
     from fastpref.data.aepo import EXACT_LIMIT, check_subset_size
 
     if args.west_of_n:
+        if n < 2:
+            raise ConfigError(f"--west-of-n needs at least 2 responses per row, got {n}")
         if args.num_annotations not in (None, n):
             raise ConfigError(
                 f"--west-of-n scores all --num-responses {n}; --num-annotations "

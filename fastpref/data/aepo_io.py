@@ -158,7 +158,13 @@ def _read_hub(name: str) -> tuple[list[str], list[tuple[int, Any]]]:
     import datasets
 
     repo, _, split = name.partition(":")
-    ds = datasets.load_dataset(repo, split=split or "train")
+    try:
+        ds = datasets.load_dataset(repo, split=split or "train")
+    except Exception as e:  # noqa: BLE001 - offline, unknown name, bad split: all the user's input
+        raise DataError(
+            f"{name}: not a local file, and loading it as a hub dataset failed "
+            f"({type(e).__name__}: {e})"
+        ) from e
     return list(ds.column_names), list(enumerate(ds, start=1))
 
 

@@ -1,14 +1,15 @@
 // Fused similarity top-k on the CPU: for each query, the k corpus rows of highest q . c (cosine
 // with normalize) and their indices, without the B x M score matrix. The ranking arithmetic (one
-// int64 key per (score, index), the per-row heap, the vectorised rejection) is in
+// int64 key per (score, index), the per-row candidate buffer, the vectorised rejection) is in
 // csrc/include/fastpref/similarity_topk_math.h.
 //
 // What is fused
 //   Queries are cut into blocks of RB rows, the corpus into blocks of CB rows. Each (row block,
 //   corpus block) pair costs one GEMM (oneDNN for fp32, see cpu_gemm.h) into a reused [RB, CB]
 //   buffer, and each row of that tile is merged into the row's running top k while the tile is
-//   still in cache. 16-bit inputs are widened to fp32 one corpus block at a time; fp64 runs its
-//   GEMM in fp64 and rounds each score to fp32 once. normalize: the queries are L2-normalised
+//   still in cache (a buffer of 2k candidate keys per row, similarity_topk_math.h). 16-bit
+//   inputs are widened to fp32 one corpus block at a time; fp64 runs its GEMM in fp64 and
+//   rounds each score to fp32 once. normalize: the queries are L2-normalised
 //   (a copy, O(B * D)) and every score is multiplied by 1 / max(|c|, 1e-12) of its corpus row.
 //
 // Threads
@@ -19,7 +20,7 @@
 //
 // Memory bound (beyond inputs and outputs)
 //   per task an [RB, CB] tile (512 x 256 fp32 = 512 KiB) and, for 16-bit or padded blocks, a
-//   [CB, D] corpus block; B x k int64 keys per corpus range (1 unless B is small); the queries in
+//   [CB, D] corpus block; B x 2k int64 keys per corpus range (1 unless B is small); the queries in
 //   fp32 padded by < 64 zero rows, O(B * D); M inverse norms with normalize; the sorted exclusion
 //   lists, O(B * P). O(tile + B * (k + D) + M), never O(B * M).
 
@@ -82,7 +83,8 @@ at::Tensor inverse_norms(const at::Tensor& C, at::ScalarType acc) {
   for (int64_t c0 = 0; c0 < M; c0 += step) {
     const int64_t n = std::min(step, M - c0);
     at::Tensor blk = C.narrow(0, c0, n).to(acc);
-    inv.narrow(0, c0, n).copy_(at::linalg_vector_norm(blk, 2, {1}).clamp_min(kNormEps).reciprocal());
+    at::Tensor norm = at::linalg_vector_norm(blk, 2, {1});
+    inv.narrow(0, c0, n).copy_(norm.clamp_min(kNormEps).reciprocal());
   }
   return inv;
 }
@@ -101,8 +103,8 @@ void topk_impl(const at::Tensor& Q, const at::Tensor& C, const at::Tensor& inv, 
   const int64_t P = ex_sorted.defined() ? ex_sorted.size(1) : 0;
   const int64_t* ex = P > 0 ? ex_sorted.const_data_ptr<int64_t>() : nullptr;
   const acc_t* inv_p = inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr;
-  // keys[s, b, 0..size[s, b]): the best keys of row b among corpus range s
-  std::vector<int64_t> keys(S * B * k), size(S * B, 0);
+  // keys[s, b, 0..size[s, b]): the candidates of row b in corpus range s, all > thr[s, b]
+  std::vector<int64_t> keys(S * B * 2 * k), size(S * B, 0), thr(S * B, kNoKey);
   const bool widen = C.scalar_type() != acc;
 
   at::parallel_for(0, n_rb * S, 1, [&](int64_t task_begin, int64_t task_end) {
@@ -140,8 +142,9 @@ void topk_impl(const at::Tensor& Q, const at::Tensor& C, const at::Tensor& inv, 
             for (int64_t j = 0; j < nc; ++j) row[j] = float(inv_p ? zr[j] * inv_p[c0 + j] : zr[j]);
             sr = row.data();
           }
-          RowTopK heap{keys.data() + (s * B + r) * k, size[s * B + r], k};
-          heap.offer(sr, nc, c0, ex ? ex + r * P : nullptr, P);
+          const int64_t at = s * B + r;
+          RowTopK row_k{keys.data() + at * 2 * k, size[at], thr[at], k};
+          row_k.offer(sr, nc, c0, ex ? ex + r * P : nullptr, P);
         }
       }
     }
@@ -152,19 +155,21 @@ void topk_impl(const at::Tensor& Q, const at::Tensor& C, const at::Tensor& inv, 
   at::parallel_for(0, B, 64, [&](int64_t b_begin, int64_t b_end) {
     std::vector<int64_t> all;
     for (int64_t r = b_begin; r < b_end; ++r) {
-      int64_t* best = keys.data() + r * k;  // range 0's keys, or all ranges' gathered here
-      int64_t n = size[r];
-      if (S > 1) {
+      const int64_t* best = nullptr;
+      int64_t n = 0;
+      if (S == 1) {
+        int64_t* ks = keys.data() + r * 2 * k;
+        n = RowTopK{ks, size[r], thr[r], k}.finish();
+        best = ks;
+      } else {  // the corpus ranges' candidates together: their k best
         all.clear();
         for (int64_t s = 0; s < S; ++s) {
-          const int64_t* ks = keys.data() + (s * B + r) * k;
+          const int64_t* ks = keys.data() + (s * B + r) * 2 * k;
           all.insert(all.end(), ks, ks + size[s * B + r]);
         }
         n = std::min<int64_t>(k, all.size());
         std::partial_sort(all.begin(), all.begin() + n, all.end(), std::greater<int64_t>());
         best = all.data();
-      } else {
-        std::sort(best, best + n, std::greater<int64_t>());
       }
       for (int64_t j = 0; j < k; ++j) {  // fewer than k candidates: -inf scores, index -1
         const int64_t key = j < n ? best[j] : kNoKey;

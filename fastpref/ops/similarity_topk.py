@@ -238,7 +238,7 @@ def similarity_topk(
     ``torch.sort(q @ C.T, dim=1, descending=True, stable=True)[:, :k]`` (NaN moved after the
     numbers, excluded entries removed) without allocating the B x M scores: the corpus is scored
     one tile at a time and merged into a running top k per query; extra memory is a tile per
-    thread plus O(B·k) (the C++ kernel: 512 x 256 x 4 bytes per thread and B·k int64 keys).
+    thread plus O(B·k) (the C++ kernel: 512 x 256 x 4 bytes per thread and B·2k int64 keys).
     Rows are ranked by descending score, equal scores by ascending corpus index, NaN last.
 
     Args:

@@ -57,8 +57,8 @@ from fastpref.models import check_model_path, load_tokenizer, model_identity
 from fastpref.models.embedding import (
     EmbeddingModel,
     disable_dropout,
-    embedding_settings,
     load_backbone,
+    resolve_embedding,
     resolve_model_path,
     save_sentence_transformers,
 )
@@ -220,21 +220,17 @@ class EmbeddingTask:
             )
         if cfg.ref_model is not None and not no_ref:
             check_model_path(cfg.ref_model, "ref-model")
-        # how the model embeds: flags, else the model's own files, else the family's defaults
-        settings = embedding_settings(self.model_path, trust_remote_code=cfg.trust_remote_code)
-        self.pooling = cfg.pooling or settings.pooling or ("last" if settings.decoder else "mean")
-        if settings.decoder and self.pooling == "cls":
-            raise ConfigError(
-                f"--pooling cls: {self.model_path} is a decoder, whose first token has seen none "
-                "of the text; use --pooling last (or mean)"
-            )
-        self.normalize = next(v for v in (cfg.normalize, settings.normalize, True) if v is not None)
-        prompts = settings.prompts
-        self.query_prefix = _first(cfg.query_prefix, prompts.get("query"), "")
-        self.passage_prefix = _first(
-            cfg.passage_prefix, prompts.get("document"), prompts.get("passage"), ""
-        )
-        limit = settings.max_seq_length or 1 << 30
+        how = resolve_embedding(
+            self.model_path,
+            pooling=cfg.pooling,
+            normalize=cfg.normalize,
+            query_prefix=cfg.query_prefix,
+            passage_prefix=cfg.passage_prefix,
+            trust_remote_code=cfg.trust_remote_code,
+        )  # flags, else the model's own files, else the defaults
+        self.pooling, self.normalize = how.pooling, how.normalize
+        self.query_prefix, self.passage_prefix = how.query_prefix, how.passage_prefix
+        limit = how.max_seq_length or 1 << 30
         self.query_max_length = min(cfg.query_max_length or cfg.max_length, limit)
         self.passage_max_length = min(cfg.passage_max_length or cfg.max_length, limit)
         self.corpus_path = cfg.corpus or (

@@ -31,12 +31,14 @@ from fastpref.models.encoder import POOLINGS, default_embedding_model, pool
 from fastpref.models.loading import _version_kwargs, attention_implementation, loading
 
 __all__ = [
+    "Embedding",
     "EmbeddingModel",
     "EmbeddingSettings",
     "disable_dropout",
     "embedding_settings",
     "is_decoder",
     "load_backbone",
+    "resolve_embedding",
     "resolve_model_path",
     "save_sentence_transformers",
 ]
@@ -139,6 +141,50 @@ def embedding_settings(path: str, *, trust_remote_code: bool = False) -> Embeddi
         prompts=prompts,
         max_seq_length=length if isinstance(length, int) and length > 0 else None,
     )
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """How a run embeds: flags first, then the model's own files, then the defaults."""
+
+    pooling: str
+    normalize: bool
+    query_prefix: str
+    passage_prefix: str
+    max_seq_length: int | None  # the model's declared limit, if any
+
+
+def resolve_embedding(
+    path: str,
+    *,
+    pooling: str | None = None,
+    normalize: bool | None = None,
+    query_prefix: str | None = None,
+    passage_prefix: str | None = None,
+    trust_remote_code: bool = False,
+) -> Embedding:
+    """Unset settings from the model's sentence-transformers files, else ``mean`` pooling for
+    encoders and ``last`` for decoders, normalisation on and no prefixes. ConfigError for a
+    decoder with ``cls`` pooling (its first token has seen none of the text)."""
+    settings = embedding_settings(path, trust_remote_code=trust_remote_code)
+    pooling = pooling or settings.pooling or ("last" if settings.decoder else "mean")
+    if settings.decoder and pooling == "cls":
+        raise ConfigError(
+            f"--pooling cls: {path} is a decoder, whose first token has seen none of the text; "
+            "use --pooling last (or mean)"
+        )
+    prompts = settings.prompts
+    return Embedding(
+        pooling=pooling,
+        normalize=_first(normalize, settings.normalize, True),
+        query_prefix=_first(query_prefix, prompts.get("query"), ""),
+        passage_prefix=_first(passage_prefix, prompts.get("document"), prompts.get("passage"), ""),
+        max_seq_length=settings.max_seq_length,
+    )
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
 
 
 def load_backbone(

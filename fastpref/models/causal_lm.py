@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from fastpref.constants import IGNORE_INDEX
 from fastpref.models.packing import pack_rows, packing_supported
-from fastpref.ops import linear_logprobs, sequence_logprobs
-from fastpref.ops.linear_logprobs import check_labels
+from fastpref.ops import sequence_logprobs
+from fastpref.ops.linear_logprobs import check_labels, run_logprobs
 
 __all__ = ["LMHead", "PolicyLogps", "backbone", "lm_head"]
 
@@ -102,6 +102,9 @@ class PolicyLogps(nn.Module):
             use_cache=False,
         ).last_hidden_state  # [rows, L, D]
         scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.source)
-        logp = linear_logprobs(scored, head.weight, packed.targets, head.bias, softcap=head.softcap)
+        logp = run_logprobs(  # the labels were checked above, before packing moved them
+            "PolicyLogps", scored, head.weight, packed.targets, head.bias,
+            backend=None, softcap=head.softcap, targets_checked=True,
+        )[0]  # fmt: skip
         logps = logp.new_zeros(packed.num_sequences).index_add(0, packed.sequence, logp)
         return logps, tokens

@@ -284,13 +284,13 @@ def make_aepo_responses(rng: random.Random, n: int, per_prompt: int) -> list[dic
 
 
 RERANK_QUERIES = ["{a} in {t}", "{t}: {a}", "how {a} matters in {t}", "{t} and {a}", "{a} for {t}"]
-# short passages, so that a 20-passage prompt stays a few hundred tokens
+# Short passages that start with their topic, written as the query writes it: the topic word
+# sits right after the passage's identifier, where a 2-layer model finds it most easily.
 RERANK_BODIES = [
-    "{T}: {a} and {b}.",
-    "{a} and {b} in {t}.",
-    "{T} needs {a} and {b}.",
-    "On {t}, {a} and {b}.",
-    "{T} means {a}, then {b}.",
+    "{t}: {a} and {b}.",
+    "{t}: {a}, then {b}.",
+    "{t}: {a} with {b}.",
+    "{t} means {a} and {b}.",
 ]
 
 
@@ -318,8 +318,7 @@ def make_rerank(rng: random.Random, n: int, prefix: str) -> list[dict]:
             else:
                 a, b = rng.sample(TOPICS[about], 2)
             body = rng.choice(RERANK_BODIES)
-            text = body.format(t=about, T=about[0].upper() + about[1:], a=a, b=b)
-            text = text[0].upper() + text[1:]
+            text = body.format(t=about, a=a, b=b)
             if text not in seen:
                 seen.add(text)
                 graded.append((text, rel))

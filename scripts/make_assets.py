@@ -12,6 +12,10 @@ writes, under the output directory:
     data/rerank.jsonl          qid/query/passages[20-30]/relevance (rankllm; 10% held out)
     data/rerank_dev.jsonl      the same kind of lists, other queries (fastpref-rerank)
     tokenizer_rerank/          a BPE like tokenizer/, trained on the reranking prompts (rankllm)
+    data/retrieval_triples.jsonl  query/positives/negatives[5]   (infonce; 10% held out)
+    data/retrieval_pairs.jsonl    query/passage1/passage2/preferred (rankpo)
+    data/retrieval_corpus.jsonl   text: 2800 passages the held-out queries are ranked in
+    data/retrieval_queries.jsonl  query/positives: held-out queries for rankpo's ranking
     tokenizer/                 byte-level BPE (AutoTokenizer.from_pretrained loads it offline)
     model/config.json          a 2-layer, 128-wide Llama sized to the tokenizer
 
@@ -334,6 +338,106 @@ def make_rerank(rng: random.Random, n: int, prefix: str) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# Retrieval data for the embedding family (--loss infonce / rankpo with all-MiniLM-L6-v2).
+#
+# A parts catalogue: every part has a code ("LEN-018") and one catalogue entry (type, material,
+# spec, depot). A query asks about a part by its code from some city ("Does LEN-018 ship to
+# Oslo this week?"); its relevant passages are the part's catalogue entry and any shipping notice
+# about that code. Its hard negatives are shipping notices about *other* codes from the query's
+# city, which share everything with the query but the code (plus two random catalogue entries).
+# Zero-shot, MiniLM ranks by those shared words and the notices win (held-out nDCG@10 ~0.04);
+# what training teaches is a skill, not a lookup: match the code and ignore the rest, which
+# carries over to held-out queries about parts it never saw.
+
+N_PARTS = 2000  # catalogue entries (the corpus holds them all, and the shipping notices)
+N_NOTICES = 800
+N_RETRIEVAL_TRAIN = 1200  # stage-1 queries (parts 0..1199), 10% held out by the trainer
+N_RETRIEVAL_PAIRS = 1200  # stage-2 preference pairs (parts 300..1499)
+N_RETRIEVAL_EVAL = 200  # held-out queries (parts 1800..1999) for --loss rankpo's ranking
+PART_TYPES = (
+    "valve pump bearing gasket sensor relay fuse filter hinge spring bracket nozzle clamp "
+    "coupling switch motor"
+).split()
+PART_MATERIALS = "steel brass copper nylon ceramic aluminium rubber titanium bronze zinc".split()
+PART_SPECS = "12 mm,24 V,3/4 inch,heavy duty,food grade,high pressure,low noise,marine".split(",")
+DEPOTS = (
+    "Lisbon Oslo Cairo Lima Osaka Denver Krakow Nairobi Perth Quito Tallinn Hanoi Accra Bergen "
+    "Seville Tampere"
+).split()
+CATALOGUE = [
+    "{c}: {m} {t}, {s}, stocked in {city}.",
+    "Catalog entry {c} - {s} {m} {t} ({city} depot).",
+    "{t} {c}, {m}, {s}; warehouse {city}.",
+]
+NOTICES = [
+    "Customers in {city} report that {c} ships late this week.",
+    "Order update for {city}: {c} arrives by Friday.",
+    "{city} branch: part {c} is back in stock and ships today.",
+    "Shipping notice, {city}: delivery of {c} is delayed.",
+]
+PART_QUERIES = [
+    "A customer in {city} asks when {c} ships.",
+    "Will {c} arrive in {city} by Friday?",
+    "Order from {city}: is part {c} in stock?",
+    "Does {c} ship to {city} this week?",
+]
+
+
+def make_retrieval(rng: random.Random) -> dict[str, list[dict]]:
+    """``corpus`` ({text}), ``triples`` (query/positives/negatives[5]), ``pairs``
+    (query/passage1/passage2/preferred) and ``queries`` (held-out query/positives)."""
+    letters = "ABCDEFGHJKLMNPRSTUVWXZ"
+    codes: list[str] = []
+    while len(codes) < N_PARTS:
+        code = "".join(rng.choice(letters) for _ in range(3)) + f"-{rng.randrange(1000):03d}"
+        if code not in codes:
+            codes.append(code)
+    entry = {}
+    for c in codes:
+        t, m, s = rng.choice(PART_TYPES), rng.choice(PART_MATERIALS), rng.choice(PART_SPECS)
+        entry[c] = rng.choice(CATALOGUE).format(c=c, t=t, m=m, s=s, city=rng.choice(DEPOTS))
+    notices: list[tuple[str, str, str]] = []  # (code, city, text)
+    while len(notices) < N_NOTICES:
+        c, city = rng.choice(codes), rng.choice(DEPOTS)
+        text = rng.choice(NOTICES).format(c=c, city=city)
+        if all(text != n[2] for n in notices):
+            notices.append((c, city, text))
+    about = {c: [] for c in codes}
+    from_city = {city: [] for city in DEPOTS}
+    for c, city, text in notices:
+        about[c].append(text)
+        from_city[city].append((c, text))
+
+    def query(c: str) -> tuple[str, str, list[str]]:
+        city = rng.choice(DEPOTS)
+        return rng.choice(PART_QUERIES).format(c=c, city=city), city, [entry[c], *about[c]]
+
+    def hard(c: str, city: str, n: int) -> list[str]:
+        return rng.sample([t for other, t in from_city[city] if other != c], n)
+
+    triples = []
+    for c in codes[:N_RETRIEVAL_TRAIN]:
+        q, city, positives = query(c)
+        others = rng.sample([o for o in codes if o != c], 2)
+        negatives = hard(c, city, 3) + [entry[o] for o in others]
+        triples.append({"query": q, "positives": positives, "negatives": negatives})
+    pairs = []
+    for c in codes[300 : 300 + N_RETRIEVAL_PAIRS]:
+        q, city, positives = query(c)
+        good, bad = rng.choice(positives), hard(c, city, 1)[0]
+        row = {"query": q, "passage1": good, "passage2": bad, "preferred": "A"}
+        if rng.random() < 0.5:
+            row.update(passage1=bad, passage2=good, preferred="B")
+        pairs.append(row)
+    held_out = []
+    for c in codes[N_PARTS - N_RETRIEVAL_EVAL :]:
+        q, _, positives = query(c)
+        held_out.append({"query": q, "positives": positives})
+    corpus = [{"text": entry[c]} for c in codes] + [{"text": n[2]} for n in notices]
+    return {"corpus": corpus, "triples": triples, "pairs": pairs, "queries": held_out}
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -485,6 +589,10 @@ def generate(out: Path) -> None:
     # after "[" (the byte-level pre-tokenizer splits letters from brackets).
     rows = make_rerank(random.Random(SEED + 2), N_RERANK, "q")
     make_tokenizer(_rerank_corpus(rows), out / "tokenizer_rerank")
+    # The embedding family's retrieval data: its own generator; the model is MiniLM, with its
+    # own tokenizer, so nothing of it enters a BPE corpus.
+    for name, rows in make_retrieval(random.Random(SEED + 3)).items():
+        _write_jsonl(out / "data" / f"retrieval_{name}.jsonl", rows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -227,6 +227,22 @@ def _first_eval(log: RunLog) -> EvalResult | None:
     return None
 
 
+def _summary(loss, steps, out_dir, before, after, ref_hit, bad_steps) -> dict:
+    """What ``summary.json`` says of a run (``save_final`` adds the wall time)."""
+    return {
+        "loss": loss,
+        "steps": steps,
+        "output_dir": str(out_dir),
+        "accuracy_before": before.accuracy if before else None,
+        "accuracy_after": after.accuracy,
+        "eval_loss_after": after.loss,
+        "eval_before": before.record() if before else None,
+        "eval_after": after.record(),
+        "reference_cache_hit": ref_hit,
+        "non_finite_steps": bad_steps,
+    }
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run one training job; returns the summary also written to ``<output_dir>/summary.json``."""
     t_start = time.perf_counter()
@@ -332,18 +348,7 @@ def train(cfg: TrainConfig) -> dict:
     if after is None:  # resumed at the very end
         after = run_eval(total_steps)
     # ------------------------------------------------------------------ save
-    summary = {
-        "loss": objective.name,
-        "steps": total_steps,
-        "output_dir": str(out_dir),
-        "accuracy_before": before.accuracy if before else None,
-        "accuracy_after": after.accuracy,
-        "eval_loss_after": after.loss,
-        "eval_before": before.record() if before else None,
-        "eval_after": after.record(),
-        "reference_cache_hit": ref_hit,
-        "non_finite_steps": bad_steps,
-    }
+    summary = _summary(objective.name, total_steps, out_dir, before, after, ref_hit, bad_steps)
     save_final(task, engine, out_dir, cfg, log, summary, t_start, rank == 0)
     if rank == 0:
         change = f": {before.accuracy:.3f} ->" if before is not None else " after training:"

@@ -80,6 +80,14 @@ def _launch(argv, nproc=1):
     )
 
 
+def _run(cmd, timeout=300) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to its end (however it ends), output and errors together."""
+    return subprocess.run(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
 def _finish(proc) -> str:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
@@ -142,14 +150,7 @@ sys.exit(main(sys.argv[1:]))
 def test_resume_after_kill_reproduces_uninterrupted_losses(assets, tmp_path, one_process):
     steps = 6  # as one_process, which is the uninterrupted run (checkpointing changes nothing)
     argv = _args(assets, tmp_path, "killed", *ONE, "--save-every", "2")
-    proc = subprocess.run(
-        [sys.executable, "-c", _KILLED_AT_STEP_3, *argv],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=300,
-    )
+    proc = _run([sys.executable, "-c", _KILLED_AT_STEP_3, *argv])
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-4000:]
     assert [r["step"] for r in _steps(tmp_path / "killed")] == [1, 2, 3]
     tag = latest_checkpoint(tmp_path / "killed" / "checkpoints")
@@ -218,14 +219,7 @@ def test_kill_inside_a_checkpoint_write_resumes_from_the_last_whole_one(
     assets, tmp_path, one_process, point
 ):
     argv = _args(assets, tmp_path, "killed", *ONE, "--save-every", "2")
-    proc = subprocess.run(
-        [sys.executable, "-c", _KILL_IN_CHECKPOINT, point, *argv],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=300,
-    )
+    proc = _run([sys.executable, "-c", _KILL_IN_CHECKPOINT, point, *argv])
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-4000:]
     ckpts = tmp_path / "killed" / "checkpoints"
     assert latest_checkpoint(ckpts) == "step_000002"
@@ -272,14 +266,7 @@ def test_kill_inside_the_final_save_or_the_cache_write_leaves_nothing_half_writt
     assets, tmp_path, point
 ):
     argv = _args(assets, tmp_path, "killed", "--micro-batch", "4", "--save-every", "2", steps=2)
-    proc = subprocess.run(
-        [sys.executable, "-c", _KILL_IN_WRITE, point, *argv],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=300,
-    )
+    proc = _run([sys.executable, "-c", _KILL_IN_WRITE, point, *argv])
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-4000:]
     run = tmp_path / "killed"
     assert not (run / "model").exists()
@@ -315,14 +302,7 @@ sys.exit(main(sys.argv[1:]))
 
 def test_full_disk_stops_with_the_path_and_keeps_what_was_whole(assets, tmp_path):
     argv = _args(assets, tmp_path, "full", "--micro-batch", "4", "--save-every", "2")
-    proc = subprocess.run(
-        [sys.executable, "-c", _FULL_DISK_AFTER_STEP_2, *argv],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=300,
-    )
+    proc = _run([sys.executable, "-c", _FULL_DISK_AFTER_STEP_2, *argv])
     assert proc.returncode == 1, proc.stdout[-4000:]
     ckpts = tmp_path / "full" / "checkpoints"
     assert f"writing checkpoint {ckpts / 'step_000004.partial'} failed" in proc.stdout
@@ -356,13 +336,6 @@ def test_a_failing_rank_ends_the_job_with_its_error(assets, tmp_path):
     script.write_text(_RANK_1_FAILS)
     argv = _args(assets, tmp_path, "failing", "--micro-batch", "2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    proc = subprocess.run(
-        [*cmd, f"--master_port={_port()}", str(script), *argv],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=240,
-    )
+    proc = _run([*cmd, f"--master_port={_port()}", str(script), *argv], timeout=240)
     assert proc.returncode != 0
     assert "injected failure on rank 1 at its second micro-step" in proc.stdout

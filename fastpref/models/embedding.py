@@ -211,6 +211,13 @@ class EmbeddingModel(nn.Module):
     """``forward(input_ids, attention_mask, chunk=0) -> [N, D]`` float32 pooled embeddings,
     L2-normalised when ``normalize``.
 
+    Right-padded batches are *packed* before the backbone: the sequences are laid side by side in
+    rows of up to ``PACK_ROW`` tokens, each at its own positions and under a block-diagonal 4-D
+    mask (causal within a sequence for decoders), so no padding slot goes through the GEMMs; the
+    hidden states (and so the embeddings) equal the padded batch's up to float rounding. The first
+    batch checks that equality on the model at hand and falls back to the padded batch for good if
+    it does not hold (a model that builds positions its own way, a flash-attention kernel).
+
     ``chunk > 0`` encodes ``chunk`` rows at a time; with grad enabled it is GradCache (Gao et al.,
     https://arxiv.org/abs/2101.06983): the forward keeps no activations, only the embeddings,
     and the backward re-encodes each chunk with grad (its dropout RNG replayed) and
@@ -218,18 +225,61 @@ class EmbeddingModel(nn.Module):
     unchunked ones; activation memory is one chunk's, whatever N.
     """
 
-    def __init__(self, model: nn.Module, *, pooling: str, normalize: bool) -> None:
+    def __init__(self, model: nn.Module, *, pooling: str, normalize: bool, pack: bool = True):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.model, self.pooling, self.normalize = model, pooling, normalize
+        self.causal = is_decoder(model.config)
+        self.pack: bool | None = None if pack and _packable(model) else False  # None: unchecked
         # a grad-requiring input, so the chunked encoding's output is part of the graph
         self.register_buffer("_anchor", torch.ones(()), persistent=False)
 
     def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        emb = pool(hidden.float(), attention_mask, self.pooling)  # [N, D]
+        lengths = attention_mask.sum(-1)
+        right_padded = bool((attention_mask.cumsum(-1) == torch.minimum(
+            torch.arange(1, attention_mask.shape[1] + 1, device=lengths.device), lengths[:, None]
+        )).all())  # fmt: skip
+        if self.pack is None and right_padded:
+            self.pack = self._packing_agrees(input_ids[:8], attention_mask[:8])
+        if self.pack and right_padded:
+            emb = self._packed(input_ids, lengths)
+        else:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            emb = pool(out.last_hidden_state.float(), attention_mask, self.pooling)  # [N, D]
         return nn.functional.normalize(emb, dim=-1) if self.normalize else emb
+
+    def _packed(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+        p = _pack(lengths.tolist(), PACK_ROW, input_ids.device)
+        ids = input_ids.new_zeros(p.shape)
+        ids.view(-1)[p.slots] = input_ids[p.rows, p.cols]
+        dtype = next(self.model.parameters()).dtype
+        mask = _block_mask(p.segment, self.causal, dtype)
+        hidden = self.model(input_ids=ids, attention_mask=mask, position_ids=p.positions)
+        flat = hidden.last_hidden_state.float().reshape(-1, hidden.last_hidden_state.shape[-1])
+        if self.pooling == "mean":
+            n = lengths.shape[0]
+            sums = flat.new_zeros(n, flat.shape[1]).index_add(0, p.rows, flat[p.slots])
+            return sums / lengths.clamp_min(1)[:, None].to(flat.dtype)
+        at = p.starts if self.pooling == "cls" else p.starts + lengths.clamp_min(1) - 1
+        return flat[at]
+
+    @torch.no_grad()
+    def _packing_agrees(self, input_ids: Tensor, attention_mask: Tensor) -> bool:
+        """Packed and padded embeddings of a few rows agree (eval mode: no dropout)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            padded = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            want = pool(padded.last_hidden_state.float(), attention_mask, self.pooling)
+            got = self._packed(input_ids, attention_mask.sum(-1))
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            return False
+        finally:
+            self.model.train(was_training)
+        tol = 1e-4 if next(self.model.parameters()).dtype == torch.float32 else 3e-2
+        scale = want.abs().max().clamp_min(1e-6)
+        return bool(((got - want).abs().max() / scale) < tol)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, chunk: int = 0) -> Tensor:
         if chunk <= 0 or chunk >= input_ids.shape[0]:
@@ -242,6 +292,82 @@ class EmbeddingModel(nn.Module):
             return torch.cat(parts)
         anchor = self._anchor.detach().requires_grad_(True)
         return _GradCache.apply(anchor, self, input_ids, attention_mask, chunk)
+
+
+PACK_ROW = 128  # tokens per packed row: several short texts share one, attention stays cheap
+
+
+@dataclass
+class _Packing:
+    """Where each real token of a right-padded ``[N, T]`` batch goes in the packed ``shape``."""
+
+    shape: tuple[int, int]  # [rows, width]
+    rows: Tensor  # [tokens] its sequence (0..N-1)
+    cols: Tensor  # [tokens] its position in the sequence
+    slots: Tensor  # [tokens] its flat index in the packed rows
+    positions: Tensor  # [rows, width] position ids (0 in unused slots)
+    segment: Tensor  # [rows, width] sequence of each slot, -1 unused
+    starts: Tensor  # [N] flat slot of each sequence's first token
+
+
+def _pack(lengths: list[int], width: int, device: torch.device) -> _Packing:
+    """First-fit decreasing of the sequences into rows of ``max(width, longest)`` slots."""
+    width = max(width, max(lengths, default=1), 1)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    free: list[int] = []  # free slots left in each row
+    place = [(0, 0)] * len(lengths)  # (row, offset)
+    for i in order:
+        n = max(lengths[i], 1)
+        row = next((r for r, f in enumerate(free) if f >= n), None)
+        if row is None:
+            free.append(width)
+            row = len(free) - 1
+        place[i] = (row, width - free[row])
+        free[row] -= n
+    rows = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    starts = torch.tensor([r * width + o for r, o in place], dtype=torch.long)
+    offsets = torch.cumsum(torch.tensor([0, *lengths[:-1]]), 0) if lengths else torch.zeros(0)
+    cols = torch.arange(int(sum(lengths))) - torch.repeat_interleave(offsets, torch.tensor(lengths))
+    slots = starts[rows] + cols
+    shape = (len(free), width)
+    positions = torch.zeros(shape, dtype=torch.long)
+    positions.view(-1)[slots] = cols
+    segment = torch.full(shape, -1, dtype=torch.long)
+    segment.view(-1)[slots] = rows
+    to = {"device": device}
+    return _Packing(
+        shape, rows.to(**to), cols.to(**to), slots.to(**to), positions.to(**to),
+        segment.to(**to), starts.to(**to),
+    )  # fmt: skip
+
+
+def _block_mask(segment: Tensor, causal: bool, dtype: torch.dtype) -> Tensor:
+    """``[rows, 1, W, W]`` additive mask: a token sees its own sequence (and, causal, only its
+    earlier tokens); an unused slot sees itself, so no softmax row is empty."""
+    same = segment[:, :, None] == segment[:, None, :]
+    same &= segment[:, :, None] >= 0
+    if causal:
+        W = segment.shape[1]
+        same &= torch.ones(W, W, dtype=torch.bool, device=segment.device).tril()
+    same |= torch.eye(segment.shape[1], dtype=torch.bool, device=segment.device)
+    mask = torch.zeros(same.shape, dtype=dtype, device=segment.device)
+    return mask.masked_fill(~same, torch.finfo(dtype).min)[:, None]
+
+
+def _packable(model: nn.Module) -> bool:
+    """Models that take ``position_ids`` and a ready 4-D mask (sdpa / eager attention)."""
+    import inspect
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "sliding_window", None):
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "position_ids" in params and "attention_mask" in params
 
 
 def disable_dropout(model: nn.Module) -> None:

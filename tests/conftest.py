@@ -33,10 +33,11 @@ def assets(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def own_process_group():
-    """For modules that train in this process: the trainer joins a one-rank gloo group; leave no
-    group or env vars behind for the next module (use with ``pytestmark``)."""
+    """Every module: a training in this process joins a one-rank gloo group and sets RANK,
+    MASTER_PORT, ...; leave no group or env vars behind for the next module (a subprocess that
+    inherited them would join the dead group's port)."""
     env = dict(os.environ)
     yield
     from fastpref.train.engine import shutdown_distributed

@@ -24,8 +24,14 @@ from fastpref.train.checkpoint import latest_checkpoint
 pytestmark = pytest.mark.slow
 
 
+_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    """This process's environment without a process group's variables (an in-process training
+    earlier in the session may have set them): each launched run makes its own."""
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    return {**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
 def _args(assets, tmp_path, out, *extra, steps=6):

@@ -187,9 +187,7 @@ def test_wrong_type_names_file_line_field(tmp_path):
     )
     with pytest.raises(DataError) as e:
         load_rows(str(path), "kto")
-    assert str(e.value) == (
-        f"{path}: line 3: field 'label' must be true/false or 1/0, got 'yes'"
-    )
+    assert str(e.value) == (f"{path}: line 3: field 'label' must be true/false or 1/0, got 'yes'")
 
 
 @pytest.mark.parametrize(

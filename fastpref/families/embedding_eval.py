@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fastpref.data.ir import MRR_AT_10, evaluate_rankings
 from fastpref.families.base import Dist, gather_objects, rank_slices
 from fastpref.families.embedding_formats import pad
 
@@ -114,31 +115,25 @@ def retrieval_metrics(
 ) -> dict[str, float]:
     """recall@1, recall@10, MRR@10 and nDCG@10 (binary relevance), means over the queries.
 
-    Computed by trec_eval (``pytrec_eval``): ``recall_k`` = relevant in the top k / all relevant;
+    By trec_eval (``fastpref.data.ir``): ``recall_k`` = relevant in the top k / all relevant;
     ``ndcg_cut_10`` normalised by the ideal ranking of *all* relevant documents (retrieved or
     not); MRR@10 = ``recip_rank`` of the run cut at rank 10 (0 when no relevant document is in
     the top 10).
     """
-    import pytrec_eval
-
     qrels = {f"q{i}": {f"d{d}": 1 for d in rel} for i, rel in enumerate(relevant)}
-    run, run10 = {}, {}
-    for i, (s_row, i_row) in enumerate(zip(scores.tolist(), indices.tolist(), strict=True)):
-        # trec_eval re-sorts by score (ties by document name): strictly decreasing pseudo-scores
-        # keep our order, which already breaks ties by corpus index
-        ranked = [f"d{d}" for d, s in zip(i_row, s_row, strict=True) if s != float("-inf")]
-        run[f"q{i}"] = {d: float(len(ranked) - r) for r, d in enumerate(ranked)}
-        run10[f"q{i}"] = {d: float(10 - r) for r, d in enumerate(ranked[:10])}
-    full = pytrec_eval.RelevanceEvaluator(qrels, {"recall.1,10", "ndcg_cut.10"}).evaluate(run)
-    cut = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(run10)
+    rankings = {
+        f"q{i}": [f"d{d}" for d, s in zip(i_row, s_row, strict=True) if s != float("-inf")]
+        for i, (s_row, i_row) in enumerate(zip(scores.tolist(), indices.tolist(), strict=True))
+    }
+    table = evaluate_rankings(qrels, rankings, {"recall.1,10", "ndcg_cut.10", MRR_AT_10})
     n = len(qrels)
 
-    def mean(results: dict, key: str) -> float:
-        return sum(results.get(q, {}).get(key, 0.0) for q in qrels) / n
+    def mean(key: str) -> float:
+        return sum(table.get(q, {}).get(key, 0.0) for q in qrels) / n
 
     return {
-        "recall@1": mean(full, "recall_1"),
-        "recall@10": mean(full, "recall_10"),
-        "MRR@10": mean(cut, "recip_rank"),
-        "nDCG@10": mean(full, "ndcg_cut_10"),
+        "recall@1": mean("recall_1"),
+        "recall@10": mean("recall_10"),
+        "MRR@10": mean(MRR_AT_10),
+        "nDCG@10": mean("ndcg_cut_10"),
     }

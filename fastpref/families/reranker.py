@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastpref.data.ir import MRR_AT_10, evaluate_rankings
 from fastpref.errors import ConfigError
 from fastpref.families import reranker_formats as rf
 from fastpref.families.base import (
@@ -56,7 +57,7 @@ DEFAULT_DATA = "rerank.jsonl"
 # ~550 with the bundled one
 BUNDLED_TOKENIZER = ASSETS / "tokenizer_rerank"
 RERANK_CONFIG = "rerank_config.json"  # saved beside the model: how its prompts were built
-METRICS = {"nDCG@10": "ndcg_cut_10", "nDCG@5": "ndcg_cut_5", "MRR@10": "recip_rank"}
+METRICS = {"nDCG@10": "ndcg_cut_10", "nDCG@5": "ndcg_cut_5", "MRR@10": MRR_AT_10}
 
 
 def _at_least(n: int):
@@ -349,25 +350,20 @@ def rerank_rows(
 
 
 def ir_metrics(rows: Sequence[dict], orders: Sequence[list[int]] | None) -> dict[str, float]:
-    """Mean nDCG@10, nDCG@5 and MRR@10 over ``rows`` by trec_eval (``pytrec_eval``) for the
+    """Mean nDCG@10, nDCG@5 and MRR@10 over ``rows`` by trec_eval (``fastpref.data.ir``) for the
     given orders (None: the first-stage order). Gains are trec_eval's: the integer relevance."""
-    import pytrec_eval
-
     qrels = {
         r["qid"]: {d: int(round(g)) for d, g in zip(r["docids"], r["relevance"], strict=True)}
         for r in rows
     }
-    runs = {}
+    rankings = {}
     for i, r in enumerate(rows):
         order = range(len(r["docids"])) if orders is None else orders[i]
-        runs[r["qid"]] = {r["docids"][j]: float(len(order) - k) for k, j in enumerate(order)}
-    ndcg = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.5,10"}).evaluate(runs)
-    top10 = {q: {d: s for d, s in run.items() if s > len(run) - 10} for q, run in runs.items()}
-    mrr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+        rankings[r["qid"]] = [r["docids"][j] for j in order]
+    table = evaluate_rankings(qrels, rankings, {"ndcg_cut.5,10", MRR_AT_10})
     out = {}
     for name, measure in METRICS.items():
-        table = mrr if measure == "recip_rank" else ndcg
-        values = [table[q][measure] for q in table]
+        values = [v[measure] for v in table.values() if measure in v]
         out[name] = sum(values) / len(values) if values else float("nan")
     return out
 

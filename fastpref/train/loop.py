@@ -20,6 +20,7 @@ import torch
 from fastpref.errors import TrainingError
 from fastpref.families import family_of, get_objective
 from fastpref.families.base import Dist, EvalResult, batch_to_device
+from fastpref.paths import looks_local
 from fastpref.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastpref.train.config import ConfigError, TrainConfig, loss_hparams
 from fastpref.train.engine import (
@@ -41,18 +42,12 @@ __all__ = ["train"]
 def _check_files(cfg: TrainConfig) -> None:
     """Every missing file that needs no model or data, before anything heavy starts."""
     for flag, path in (("data", cfg.data), ("eval-split", cfg.eval_split)):
-        if path is not None and _file_like(path) and not Path(path).expanduser().exists():
+        if path is not None and looks_local(path) and not Path(path).expanduser().exists():
             raise FileNotFoundError(f"--{flag}: {path!r} does not exist")
     if cfg.deepspeed is not None and not Path(cfg.deepspeed).expanduser().exists():
         raise FileNotFoundError(f"--deepspeed: {cfg.deepspeed!r} does not exist")
     if cfg.resume and cfg.output_dir is None:
         raise ConfigError("--resume needs --output-dir (the run to continue)")
-
-
-def _file_like(path: str) -> bool:
-    from fastpref.paths import looks_local
-
-    return looks_local(path)
 
 
 def _resolve(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, dict]:
@@ -113,9 +108,8 @@ def _stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     return out
 
 
-def _open_run(cfg: TrainConfig, dist: Dist) -> tuple[Path, str | None]:
-    """The run directory (with its config.json) and the checkpoint to resume from, if any."""
-    out_dir = _output_dir(cfg, dist)
+def _open_run(cfg: TrainConfig, out_dir: Path, dist: Dist) -> str | None:
+    """Claim the run directory (checks, lock, config.json); the checkpoint to resume from."""
     ckpt_dir = out_dir / "checkpoints"
     if not cfg.resume and latest_checkpoint(ckpt_dir) is not None:
         raise ConfigError(
@@ -133,7 +127,7 @@ def _open_run(cfg: TrainConfig, dist: Dist) -> tuple[Path, str | None]:
     _lock_run_dir(out_dir, dist)
     if dist.rank == 0:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    return out_dir, latest_checkpoint(ckpt_dir) if cfg.resume else None
+    return latest_checkpoint(ckpt_dir) if cfg.resume else None
 
 
 _RUN_LOCKS: dict[Path, object] = {}  # held open (and so locked) until this process ends
@@ -262,7 +256,7 @@ def train(cfg: TrainConfig) -> dict:
     lr = cfg.lr if cfg.lr is not None else task.default_lr
     out_dir = _output_dir(cfg, dist)
     cfg = _recorded(cfg, lr, out_dir)
-    out_dir, resume_tag = _open_run(cfg, dist)
+    resume_tag = _open_run(cfg, out_dir, dist)
     torch.manual_seed(cfg.seed + rank)
     train_ex = task.prepare(train_rows, source, "train")
     eval_ex = task.prepare(eval_rows, cfg.eval_split or source, "eval")

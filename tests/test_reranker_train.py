@@ -128,6 +128,25 @@ def test_ranking_alone_and_generation_alone_train(assets, lists, tmp_path, objec
     assert 0 <= summary["accuracy_after"] <= 1
 
 
+@pytest.mark.slow  # ~12 s: greedy decoding of every held-out window, before and after
+def test_eval_by_decoding_reports_repairs(assets, lists, tmp_path, trained):
+    """--decode: the held-out eval reranks by greedy decoding (the code fastpref-rerank --decode
+    runs) and reports its repair counts beside nDCG@10, in metrics.jsonl and summary.json."""
+    out = tmp_path / "decode"
+    summary = train(parse_config(_args(assets, lists, out, "--decode", steps=1)))
+    _, evals = _records(out)
+    held_out = 3  # 25% of the 12 lists
+    for record in (evals[0], evals[-1], summary["eval_after"]):
+        windows = record["eval/decode/windows"]
+        assert held_out <= windows <= 2 * held_out  # 4-7 passages: 1-2 windows of 5, stride 3
+        assert 0 <= record["eval/decode/repaired"] <= windows
+        assert record["eval/decode/missing"] >= 0 and 0 <= record["eval/accuracy"] <= 1
+    saved = json.loads((out / "summary.json").read_text())
+    after = summary["eval_after"]
+    assert saved["eval_after"]["eval/decode/windows"] == after["eval/decode/windows"]
+    assert "eval/decode/windows" not in _records(trained[0])[1][-1]  # FIRST: no decoding
+
+
 def _cli_error(capsys, argv) -> str:
     assert train_main(argv) == 2
     return capsys.readouterr().err

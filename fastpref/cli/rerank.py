@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict:
     from fastpref.families import reranker_formats as rf
     from fastpref.families.base import Dist
     from fastpref.models import build_or_load_causal_lm, load_tokenizer
-    from fastpref.models.rerank import ListwiseRanker, Repairs, decode_orders
+    from fastpref.models.rerank import ListwiseRanker
 
     cfg = _settings(args)
     if cfg.stride > cfg.window or cfg.window < 2 or args.top_k < 1:
@@ -99,16 +99,10 @@ def run(args: argparse.Namespace) -> dict:
     ranker = ListwiseRanker(model).to(device).eval()
     enc = rr.make_encoder(tokenizer, cfg, with_target=False)
     dist = Dist(device)
-    repairs = Repairs()
-    order_windows = None
-    if args.decode:
-
-        def order_windows(windows):
-            return decode_orders(model, windows, tokenizer, enc.ids.names, device, repairs)
-
     windows = sum(len(rr.row_spans(row, cfg)) for row in rows)
     start = time.perf_counter()
-    orders = rr.rerank_rows(ranker, rows, enc, cfg, dist, tokenizer.pad_token_id, order_windows)
+    decoder = model if args.decode else None
+    orders, repairs = rr.rerank_rows(ranker, rows, enc, cfg, dist, tokenizer, decoder)
     seconds = time.perf_counter() - start
     output = Path(args.output or Path(args.data).with_suffix(".rerank.trec"))
     rr.write_trec_run(output, rows, orders, args.tag)
@@ -122,11 +116,8 @@ def run(args: argparse.Namespace) -> dict:
         "method": "decode" if args.decode else "first",
         "run": str(output),
     }
-    if args.decode:
-        summary["repairs"] = {
-            k: getattr(repairs, k)
-            for k in ("windows", "repaired", "invalid", "repeated", "missing")
-        }
+    if repairs is not None:
+        summary["repairs"] = repairs.counts()
     judged = [i for i, row in enumerate(rows) if any(row["relevance"])]
     if judged:
         sub = [rows[i] for i in judged]

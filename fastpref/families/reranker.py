@@ -10,9 +10,10 @@ in ``fastpref.families.reranker_formats``; the model adapter is
 lm_head only). ``--neftune-alpha`` adds NEFTune noise to the input embeddings in training.
 
 Held-out evaluation reranks each held-out list: a plain list by sliding windows (``--window``,
-``--stride``, back to front) ordered by FIRST scores, a conversation's prompt in one window; the
-headline metric is nDCG@10 by trec_eval (``pytrec_eval``), beside nDCG@5 and MRR@10 and the same
-metrics of the first-stage (input) order (``eval/first_stage/...``). The eval loss is the
+``--stride``, back to front) ordered by FIRST scores (``--decode``: by greedy decoding of the
+permutation, its repairs counted in ``eval/decode/...``), a conversation's prompt in one window;
+the headline metric is nDCG@10 by trec_eval (``pytrec_eval``), beside nDCG@5 and MRR@10 and the
+same metrics of the first-stage (input) order (``eval/first_stage/...``). The eval loss is the
 objective on the held-out lists' first-stage windows.
 """
 
@@ -44,7 +45,14 @@ from fastpref.families.base import (
 )
 from fastpref.losses.rankllm import RankLLMOutputs, rankllm
 from fastpref.models import build_or_load_causal_lm, check_model_path, load_tokenizer
-from fastpref.models.rerank import ListwiseRanker, Window, first_orders, sliding_window_rerank
+from fastpref.models.rerank import (
+    ListwiseRanker,
+    Repairs,
+    Window,
+    decode_orders,
+    first_orders,
+    sliding_window_rerank,
+)
 from fastpref.paths import ASSETS, bundled_data
 
 __all__ = ["FAMILY", "Reranker", "RerankTask", "ir_metrics", "write_trec_run"]
@@ -91,6 +99,13 @@ OPTIONS = (
         "NEFTune α: U(±α/√(L·d)) noise on the input embeddings in training (0: off)",
         check=lambda v: None if v >= 0 else "must be >= 0",
     ),
+    Option(
+        "decode",
+        bool,
+        False,
+        "held-out eval reranks by greedy decoding of the permutation instead of FIRST scores "
+        "(repairs counted in eval/decode/...)",
+    ),
 )
 
 
@@ -129,6 +144,12 @@ class RerankTask:
             raise ConfigError(
                 f"--stride {cfg.stride} is larger than --window {cfg.window}: "
                 "some passages would never be reranked"
+            )
+        if cfg.decode and cfg.zero_stage == 3:
+            raise ConfigError(
+                "--decode does not run under --zero-stage 3 (each rank's generate() would gather "
+                "the partitioned weights a different number of times); evaluate by FIRST scores, "
+                "or run fastpref-rerank --decode on the saved model"
             )
         self.objective, self.cfg, self.hparams = objective, cfg, hparams
         settings = {**objective.hparams(), **hparams}
@@ -238,12 +259,17 @@ class RerankTask:
             loss, metrics = self.forward(model, batch)
             means.add({"loss": loss, **metrics}, weight * len(idx))
         rows = [e["row"] for e in examples]
-        orders = rerank_rows(model, rows, self.encoder, self.cfg, dist, self.tokenizer.pad_token_id)
+        decoder = self.hf_model if self.cfg.decode else None
+        orders, repairs = rerank_rows(
+            model, rows, self.encoder, self.cfg, dist, self.tokenizer, decoder
+        )
         model.train()
         after, before = ir_metrics(rows, orders), ir_metrics(rows, None)
         out = means.merged(dist)
         metrics = {**out, **{k: v for k, v in after.items() if k != "nDCG@10"}}
         metrics.update({f"first_stage/{k}": v for k, v in before.items()})
+        if repairs is not None:
+            metrics.update({f"decode/{k}": float(v) for k, v in repairs.counts().items()})
         return EvalResult(loss=out.pop("loss"), accuracy=after["nDCG@10"], metrics=metrics)
 
     # ------------------------------------------------------------------------------ save
@@ -306,15 +332,20 @@ def rerank_rows(
     enc: rf.PromptEncoder,
     cfg: Any,
     dist: Dist,
-    pad_id: int,
-    order_windows=None,
-) -> list[list[int]]:
-    """Every row's reranked order (all ranks get all rows), windows ordered by FIRST scores
-    unless ``order_windows`` is given (e.g. decoding). Each rank reranks its share of the rows,
-    running as many forwards as every other rank (ZeRO-3 gathers collectively)."""
+    tokenizer: Any,
+    decoder: nn.Module | None = None,
+) -> tuple[list[list[int]], Repairs | None]:
+    """Every row's reranked order (all ranks get all rows): windows ordered by ``ranker``'s
+    FIRST scores, or, given ``decoder`` (the causal LM inside ``ranker``), by greedy decoding of
+    the permutation (``decode_orders``), whose repairs are returned summed over the ranks (None
+    for FIRST). Used by the trainer's eval and ``fastpref-rerank``. Each rank reranks its share
+    of the rows, running as many FIRST forwards as every other rank (ZeRO-3 gathers
+    collectively)."""
+    pad_id = tokenizer.pad_token_id
     dummy = []  # what a rank with nothing left runs while the others still rerank
     if dist.world_size > 1 and rows:
         dummy = [_window(enc, rows, 0, list(range(*row_spans(rows[0], cfg)[0])))]
+    repairs = Repairs() if decoder is not None else None
 
     def first(windows: list[Window]) -> list[list[int]]:
         if not windows:
@@ -323,7 +354,10 @@ def rerank_rows(
             return []
         return first_orders(ranker, windows, enc.ids.open_ids, pad_id, dist.device)
 
-    order_windows = order_windows or first
+    def decode(windows: list[Window]) -> list[list[int]]:
+        return decode_orders(decoder, windows, tokenizer, enc.ids.names, dist.device, repairs)
+
+    order_windows = first if decoder is None else decode
     batch = 2 * cfg.micro_batch
     mine: dict[int, list[int]] = {}
     step = batch * dist.world_size
@@ -344,9 +378,12 @@ def rerank_rows(
         )
         mine.update(zip(own, orders, strict=True))
     merged: dict[int, list[int]] = {}
-    for part in gather_objects(mine, dist):
+    total = Repairs() if decoder is not None else None
+    for part, rep in gather_objects((mine, repairs), dist):
         merged.update(part)
-    return [merged[q] for q in range(len(rows))]
+        if total is not None:
+            total.add(rep)
+    return [merged[q] for q in range(len(rows))], total
 
 
 def ir_metrics(rows: Sequence[dict], orders: Sequence[list[int]] | None) -> dict[str, float]:

@@ -138,8 +138,13 @@ class Repairs:
     missing: int = 0  # identifiers never named (appended in original order)
     examples: list[str] = field(default_factory=list)  # a few raw outputs that needed repair
 
+    COUNTS = ("windows", "repaired", "invalid", "repeated", "missing")
+
+    def counts(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.COUNTS}
+
     def add(self, other: Repairs) -> None:
-        for name in ("windows", "repaired", "invalid", "repeated", "missing"):
+        for name in self.COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.examples.extend(other.examples[: max(0, 3 - len(self.examples))])
 

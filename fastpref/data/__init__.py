@@ -10,7 +10,14 @@ What a format's fields are, and what its roles are, is each family's (``fastpref
 """
 
 from fastpref.data.collate import collate_roles, pad_and_label
-from fastpref.data.rows import Row, load_records, read_records, split_rows, type_name
+from fastpref.data.rows import (
+    Row,
+    load_records,
+    loads_json,
+    read_records,
+    split_rows,
+    type_name,
+)
 from fastpref.data.tokenize import Encoder, tokenize_examples
 from fastpref.errors import DataError
 from fastpref.paths import bundled_model_config_path, bundled_tokenizer_path
@@ -23,6 +30,7 @@ __all__ = [
     "bundled_tokenizer_path",
     "collate_roles",
     "load_records",
+    "loads_json",
     "pad_and_label",
     "read_records",
     "split_rows",

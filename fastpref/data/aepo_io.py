@@ -28,14 +28,17 @@ so the output file either does not exist or is complete.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastpref.data.rows import loads_json
 from fastpref.errors import ConfigError, DataError
 from fastpref.paths import looks_local
 
@@ -99,14 +102,25 @@ class Instructions:
 # Reading
 
 
+def _text(path: Path, data: bytes) -> str:
+    """``data`` as UTF-8 text without a byte-order mark (DataError naming the line if not)."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+
+
 def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, Any]]]:
+    return _jsonl_records(path, _text(path, path.read_bytes()))
+
+
+def _jsonl_records(path: Path, text: str) -> tuple[list[str], list[tuple[int, Any]]]:
     records, columns = [], {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    for lineno, line in enumerate(io.StringIO(text, newline=None), start=1):  # as open() splits
+        if line.strip():
             try:
-                record = json.loads(line)
+                record = loads_json(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}:{e.colno}: not valid JSON ({e.msg})") from None
             if isinstance(record, dict):
@@ -116,10 +130,11 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, Any]]]:
 
 
 def _read_json(path: Path) -> tuple[list[str], list[tuple[int, Any]]]:
+    text = _text(path, path.read_bytes())
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = loads_json(text)
     except json.JSONDecodeError:
-        return _read_jsonl(path)  # JSON Lines saved as .json
+        return _jsonl_records(path, text)  # JSON Lines saved as .json
     if not isinstance(obj, list):
         raise DataError(f"{path}:1:1: expected a list of rows, got {type(obj).__name__}")
     columns = {k: None for r in obj if isinstance(r, dict) for k in r}
@@ -128,13 +143,14 @@ def _read_json(path: Path) -> tuple[list[str], list[tuple[int, Any]]]:
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, Any]]]:
     # The csv module (not `datasets`) so every cell stays text and each row keeps its line.
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
-            return [], []
-        records, start = [], reader.line_num + 1
+    text = _text(path, path.read_bytes())
+    limit = csv.field_size_limit(sys.maxsize)  # a long response is no error (default: 128 KiB)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] = []
+    records, start = [], 1
+    try:
+        header = next(reader, [])
+        start = reader.line_num + 1
         for cells in reader:
             if any(c.strip() for c in cells):
                 if len(cells) != len(header):
@@ -144,13 +160,21 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, Any]]]:
                     )
                 records.append((start, dict(zip(header, cells, strict=True))))
             start = reader.line_num + 1
+    except csv.Error as e:  # e.g. a quoted cell the end of the file cuts off
+        raise DataError(f"{path}:{start}: not valid CSV ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
     return header, records
 
 
 def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, Any]]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:  # not Parquet, truncated, corrupt
+        raise DataError(f"{path}: cannot read it as Parquet ({type(e).__name__}: {e})") from None
     return list(table.column_names), list(enumerate(table.to_pylist(), start=1))
 
 
@@ -231,7 +255,7 @@ def _cells(record: dict, columns: Sequence[str], prompt: str, where: str, from_c
         value = record.get(RESPONSES_COLUMN)
         if from_csv and isinstance(value, str):
             try:
-                value = json.loads(value) if value.strip() else []
+                value = loads_json(value) if value.strip() else []
             except json.JSONDecodeError as e:
                 raise DataError(
                     f"{where}:{RESPONSES_COLUMN}: a CSV 'responses' cell must be a JSON list "
@@ -293,7 +317,7 @@ def read_instructions(
             if not isinstance(value, str):
                 raise DataError(
                     f"{where}:{label}: a response must be text, got {type(value).__name__} "
-                    f"{value!r} (every column but {prompt!r} is taken as a response)"
+                    f"{value!r:.60} (every column but {prompt!r} is taken as a response)"
                 )
             if value in seen:
                 out.duplicate += 1

@@ -21,6 +21,22 @@ from typing import Any
 from fastpref.errors import DataError
 from fastpref.paths import LOCAL_DATA_SUFFIXES, looks_local
 
+
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads``, except that the two other errors it raises on hostile input are
+    ``json.JSONDecodeError`` too (what every reader already reports as a DataError): nesting
+    deeper than the parser's recursion limit (RecursionError) and an integer literal longer than
+    ``sys.get_int_max_str_digits()`` (ValueError)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", str(text)[:1], 0) from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise json.JSONDecodeError(str(e).split(":")[0], str(text)[:1], 0) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading raw records: (position, record) pairs; position is a 1-based line (JSONL) or row.
 
@@ -38,7 +54,7 @@ def _read_jsonl(path: Path) -> tuple[str, list[tuple[int, Any]]]:
             if not line.strip():
                 continue
             try:
-                records.append((lineno, json.loads(line)))
+                records.append((lineno, loads_json(line)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
     return "line", records
@@ -50,7 +66,7 @@ def _read_json(path: Path) -> tuple[str, list[tuple[int, Any]]]:
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        obj = json.loads(text)
+        obj = loads_json(text)
     except json.JSONDecodeError:
         return _read_jsonl(path)  # JSON Lines saved as .json, as `datasets` also accepts
     if isinstance(obj, dict):  # {"data": [...]} — the one list-valued key holds the rows
@@ -148,7 +164,7 @@ class Row:
             # CSV cells hold lists (responses, scores, chat messages) as JSON text; a text cell
             # that merely looks like JSON stays text unless it is a list of chat messages.
             try:
-                parsed = json.loads(value)
+                parsed = loads_json(value)
             except json.JSONDecodeError:
                 return value
             if field in self.list_fields or _looks_like_chat(parsed):
@@ -197,9 +213,15 @@ class Row:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(field, f"must be a number, got {type_name(value)}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            raise self.fail(field, f"is {str(value)[:20]}..., too large for a float") from None
+        if math.isnan(number):
+            raise self.fail(field, "must be a number, got NaN")
+        return number
 
     def boolean(self, field: str) -> bool:
         """true/false, 1/0, or the strings "true"/"false"/"1"/"0" (any case), in any file."""
@@ -211,7 +233,7 @@ class Row:
         if isinstance(value, int | float) and not isinstance(value, bool) and value in (0, 1):
             value = bool(value)
         if not isinstance(value, bool):
-            raise self.fail(field, f"must be true/false or 1/0, got {value!r}")
+            raise self.fail(field, f"must be true/false or 1/0, got {value!r:.60}")
         return value
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from fastpref.data import Row, load_records, type_name
+from fastpref.data import Row, load_records, loads_json, type_name
 from fastpref.errors import ConfigError, DataError
 
 __all__ = [
@@ -93,7 +93,7 @@ def _texts(row: Row, field: str) -> list[str]:
             raise DataError(f"{row.where}: field {name} is missing")
         if row.from_text and isinstance(value, str) and value.lstrip().startswith("["):
             try:  # a CSV cell holding a JSON list
-                parsed = json.loads(value)
+                parsed = loads_json(value)
             except json.JSONDecodeError:
                 parsed = None
             value = parsed if isinstance(parsed, list) else value
@@ -158,7 +158,9 @@ def validate_preference(row: Row) -> dict[str, Any]:
     first, second = _string(row, "passage1"), _string(row, "passage2")
     preferred = row.get("preferred")
     if preferred not in ("A", "B"):
-        raise row.fail("preferred", f'must be "A" (passage1) or "B" (passage2), got {preferred!r}')
+        raise row.fail(
+            "preferred", f'must be "A" (passage1) or "B" (passage2), got {preferred!r:.60}'
+        )
     chosen, rejected = (first, second) if preferred == "A" else (second, first)
     return {"query": query, "chosen": chosen, "rejected": rejected}
 

@@ -148,8 +148,12 @@ def validate_row(row: Row, fmt: str) -> dict[str, Any]:
             texts.append(text)
             chat |= is_chat
         for s in scores:
-            if isinstance(s, bool) or not isinstance(s, int | float) or math.isnan(s):
+            if isinstance(s, bool) or not isinstance(s, int | float):
                 raise row.fail("scores", f"must hold numbers, got {type_name(s)}")
+            if isinstance(s, int) and s.bit_length() > 1000:  # float(s) would overflow
+                raise row.fail("scores", "holds an integer too large for a float")
+            if math.isnan(s):
+                raise row.fail("scores", "must hold numbers, got NaN")
         out["responses"], out["scores"] = texts, [float(s) for s in scores]
     if chat:
         out["prompt"] = _as_chat(prompt)

@@ -36,7 +36,15 @@ from typing import Any
 
 import torch
 
-from fastpref.data import DataError, Encoder, Row, load_records, pad_and_label, type_name
+from fastpref.data import (
+    DataError,
+    Encoder,
+    Row,
+    load_records,
+    loads_json,
+    pad_and_label,
+    type_name,
+)
 from fastpref.errors import ConfigError
 
 __all__ = [
@@ -185,7 +193,9 @@ def _check_json_array(source: str) -> None:
     if path.suffix.lower() != ".json" or not path.is_file():
         return
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = loads_json(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is no data
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(
             f"{source}: not a JSON array of rows (invalid JSON at line {e.lineno}: {e.msg}); "
@@ -210,7 +220,7 @@ def _turns(row: Row) -> list[tuple[str, str]]:
             )
         role = _ROLES.get(str(turn.get(keys[0])).lower())
         if role is None:
-            raise row.fail("conversations", f"turn {i} has unknown role {turn.get(keys[0])!r}")
+            raise row.fail("conversations", f"turn {i} has unknown role {turn.get(keys[0])!r:.60}")
         turns.append((role, turn[keys[1]]))
     return turns
 
@@ -306,6 +316,8 @@ def _plain(row: Row, qid: str) -> dict:
         ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in rel)
         if not ok:
             raise row.fail("relevance", f"must be a list of {n} integers >= 0 (one per passage)")
+        if any(v >= 2**53 for v in rel):  # beyond float's integers (and float(10**400) fails)
+            raise row.fail("relevance", "has a grade over 2**53")
         relevance = [float(v) for v in rel]
     else:
         ranking = row.get("ranking")
@@ -314,7 +326,7 @@ def _plain(row: Row, qid: str) -> dict:
         relevance = [0.0] * n
         for r, j in enumerate(ranking):
             if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < n:
-                raise row.fail("ranking", f"item {r} is {j!r}, not a passage index in [0, {n})")
+                raise row.fail("ranking", f"item {r} is {j!r:.60}, not a passage index in [0, {n})")
             if relevance[j]:
                 raise row.fail("ranking", f"names passage {j} twice")
             relevance[j] = float(len(ranking) - r)
@@ -332,11 +344,19 @@ def load_rows(source: str, identifiers: str, columns: dict[str, str] | None = No
     """Validated rows of ``source`` (DataError naming the file, the line/row and the field)."""
     _check_json_array(str(source))
     names = IDENTIFIERS[identifiers]
-    count = iter(range(1, 1 << 62))
+    seen: dict[str, str] = {}  # qid -> where it was first
 
     def validate(row: Row) -> dict:
-        n = next(count)
-        qid = str(row.record.get("qid", row.record.get("query_id", f"q{n}")))
+        field = "qid" if row.has("qid") else "query_id"
+        qid = row.record.get(field)
+        if qid is None:
+            qid = f"q{len(seen) + 1}"
+        elif isinstance(qid, bool) or not isinstance(qid, str | int | float):
+            raise row.fail(field, f"must be a string or a number, got {type_name(qid)}")
+        qid = str(qid)
+        if qid in seen:
+            raise row.fail(field, f"{qid[:60]!r} is the qid of {seen[qid]} too")
+        seen[qid] = row.where
         if row.has("conversations"):
             return _conversation(row, qid, names, identifiers)
         if row.has("query") or row.has("passages"):
@@ -346,13 +366,7 @@ def load_rows(source: str, identifiers: str, columns: dict[str, str] | None = No
             "'passages' (plain format)"
         )
 
-    rows = load_records(source, validate, columns=columns)
-    seen: set[str] = set()
-    for row in rows:
-        if row["qid"] in seen:
-            raise DataError(f"{source}: qid {row['qid']!r} appears twice")
-        seen.add(row["qid"])
-    return rows
+    return load_records(source, validate, columns=columns)
 
 
 # ---------------------------------------------------------------------------------------------

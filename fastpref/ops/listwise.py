@@ -144,6 +144,9 @@ def listwise_loss_reference(
     rel = relevance.detach().to(wdt)
     real = torch.ones_like(rel, dtype=torch.bool) if mask is None else mask
     real = real & (real.sum(-1, keepdim=True) >= 2)  # lists with < 2 real items: no term at all
+    # Padding may hold any relevance (NaN too): 0 there, or NaN gains would reach the gradient
+    # through the pair weights of pairs that `where` drops (0 * NaN in the backward).
+    rel = rel.masked_fill(~real, 0)
     z = scores * p.sigma  # [B, K]
     fill = torch.finfo(z.dtype).min  # exp(fill - anything finite) == 0, and no -inf - -inf NaN
     out = accumulation_dtype(scores.dtype)

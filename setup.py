@@ -22,6 +22,21 @@ def _sources(pattern: str) -> list[str]:
 
 def _extension():
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
+    link = ["-fopenmp"]
+    if os.environ.get("FASTPREF_ASAN") == "1":
+        # AddressSanitizer build for tests/test_ops_asan.py (CPU kernels only; built into a
+        # separate directory with --build-lib/--build-temp, never over fastpref/_C*.so). -O1
+        # keeps the build short and the reports readable; assertions stay on.
+        cxx = [
+            "-O1",
+            "-g",
+            "-std=c++17",
+            "-fopenmp",
+            "-fsanitize=address",
+            "-fno-omit-frame-pointer",
+        ]
+        link = ["-fopenmp", "-fsanitize=address"]
+        os.environ["FASTPREF_SKIP_CUDA"] = "1"
     if os.environ.get("FASTPREF_NATIVE_ARCH", "1") == "1" and sys.platform == "linux":
         # The vectorised epilogues want AVX2/AVX-512 where the build machine has them.
         # Set FASTPREF_NATIVE_ARCH=0 to build a portable binary.
@@ -40,7 +55,7 @@ def _extension():
                 "cxx": cxx + ["-DFASTPREF_WITH_CUDA"],
                 "nvcc": ["-O3", "-std=c++17"],
             },
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     print(
         "fastpref: skipping CUDA kernels (torch "
@@ -52,7 +67,7 @@ def _extension():
         sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
 
 

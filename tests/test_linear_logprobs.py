@@ -207,7 +207,9 @@ def test_frozen_weight_and_hidden():
 
 
 @pytest.mark.parametrize("backend", ("chunked", "cpu"))
-def test_no_grad_saves_nothing(backend):
+def test_no_grad_saves_nothing(backend, monkeypatch):
+    # with the logits budget off (the kept logits of the three-GEMM path: test_linear_logprobs_kept)
+    monkeypatch.setenv("FASTPREF_LOGITS_BUDGET", "0")
     hidden, weight, _, targets, _ = make_inputs(16, 8, 50, torch.float32, bias=False)
     h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
     packed = []

@@ -62,8 +62,10 @@ def test_unchecked_raw_kernel_reads_nothing_for_a_bad_target():
     t[1] = 3
     bad = t.clone()
     bad[2] = 10**12  # far outside: no index arithmetic may overflow into range
-    lp, lse, _ = torch.ops.fastpref_C.linear_logprobs_fwd(h, w, bad, None, 1.0, 0.0, False, False)
-    want, want_lse, _ = torch.ops.fastpref_C.linear_logprobs_fwd(h, w, t, None, 1.0, 0.0, False)
+    lp, lse, _, _ = torch.ops.fastpref_C.linear_logprobs_fwd(
+        h, w, bad, None, 1.0, 0.0, False, False
+    )
+    want, want_lse, _, _ = torch.ops.fastpref_C.linear_logprobs_fwd(h, w, t, None, 1.0, 0.0, False)
     assert lp[2].isnan() and not lp[[0, 1, 3, 4, 5]].isnan().any()
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
     torch.testing.assert_close(lp[[0, 1, 3, 4, 5]], want[[0, 1, 3, 4, 5]], rtol=0, atol=0)

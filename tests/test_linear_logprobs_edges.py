@@ -166,13 +166,19 @@ def test_opcheck(backend):
     fwd, bwd = torch.ops.fastpref.linear_logprobs_fwd, torch.ops.fastpref.linear_logprobs_bwd
     torch.library.opcheck(fwd, (h, w, t, b, -100, 0.5, 3.0, True, backend))
     torch.library.opcheck(fwd, (h, w, t, None, -100, 1.0, None, False, backend))
-    _, lse, ent = fwd(h, w, t, b, -100, 0.5, 3.0, True, backend)
+    torch.library.opcheck(fwd, (h, w, t, b, -100, 0.5, 3.0, True, backend, True, 2**30))
+    _, lse, ent, _ = fwd(h, w, t, b, -100, 0.5, 3.0, True, backend)
+    _, _, _, kept = fwd(h, w, t, b, -100, 0.5, 3.0, True, backend, True, 2**30)
+    assert kept.numel() == (64 * 13 if backend == "cpu" else 0)  # 6 kept rows padded to 64
     g = torch.randn(7)
     torch.library.opcheck(
         bwd, (g, g, h, w, t, b, lse, ent, -100, 0.5, 3.0, True, True, True, backend)
     )
     torch.library.opcheck(
         bwd, (g, None, h, w, t, None, lse, None, -100, 1.0, None, True, False, False, backend)
+    )
+    torch.library.opcheck(
+        bwd, (g, g, h, w, t, b, lse, ent, -100, 0.5, 3.0, True, True, True, backend, kept)
     )
 
 

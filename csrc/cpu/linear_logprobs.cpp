@@ -6,6 +6,10 @@
 // What is fused
 //   forward:  lse = logsumexp_v f,  logp = f[target] - lse,  entropy = lse - sum_v p_v f_v
 //   backward: G = dL/dz recomputed tile by tile, then dH = G @ W, dW = G.T @ H, db = sum_rows G.
+//   Four GEMMs: the logits, their recompute, dH, dW. Three when the caller gives the forward a
+//   logits_budget the kept rows' raw logits fit (see KeptLogits): the forward's GEMM writes each
+//   tile into one kept buffer instead of the reused tile, and the backward reads it back instead
+//   of recomputing: the same GEMM on the same shapes, so the gradients are bit for bit the same.
 //   The rows arrive compacted (ignored targets removed by the ops layer, which also checked every
 //   target once), so no GEMM is spent on an ignored row.
 //
@@ -32,7 +36,9 @@
 //   copies), for bf16 with more than NB rows a [VT, D] fp32 dW accumulator, an [N, D] fp32 dH
 //   partial (all but the first task for unpadded fp32; all for bf16) and 3 x N fp32 of row
 //   state; where the GEMMs go to oneDNN, a copy of H padded by < 64 zero rows (see Gemm):
-//   O(tile + N * D), never O(N * V).
+//   O(tile + N * D), never O(N * V) -- unless the caller asked for the kept logits, which are
+//   exactly the (N + < 64 padding rows) x V GEMM outputs in the input dtype, and only when they
+//   fit the budget it gave.
 
 // The per-row math (logit map, online log-sum-exp, logit gradient) is in
 // csrc/include/fastpref/linear_logprobs_math.h, included first: it picks the SIMD capability.
@@ -50,6 +56,10 @@
 #include <limits>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
@@ -98,6 +108,44 @@ inline const acc_t* tile_as_acc(const at::Tensor& zt, at::Tensor& zacc, int64_t 
     at::vec::convert(src, dst, count);
     return dst;
   }
+}
+
+// The kept logits of the three-GEMM path: the raw GEMM tiles z = H @ W_tile.T (input dtype, before
+// bias and logit map) in one flat buffer, vocab tile by vocab tile: tile [v0, v0 + vt) is a
+// row-major [rows, vt] block at offset rows * v0, and its row block r0 the contiguous
+// [nbp, vt] at + r0 * vt, so a tile GEMM writes straight into it. rows pads the last row block
+// to a multiple of 64 whatever Gemm pads (its widest), so the layout does not depend on the GEMM
+// library, which FASTPREF_CPU_GEMM could change between the forward and the backward.
+struct KeptLogits {
+  static int64_t rows(int64_t N, int64_t NB) {
+    const int64_t full = N / NB * NB, rest = N - full;
+    return full + (rest + 63) / 64 * 64;
+  }
+  template <typename scalar_t>
+  static int64_t bytes(int64_t N, int64_t V) {
+    return rows(N, Tiles<scalar_t>::NB) * V * static_cast<int64_t>(sizeof(scalar_t));
+  }
+};
+
+// A large output buffer (the kept logits, dW) on transparent huge pages where the kernel allows
+// them by madvise: a fresh 4 KiB-paged buffer costs one page fault per 4 KiB on first touch
+// (measured: ~30 ms for the 130 MB of kept fp32 logits at N 1015, V 32000, ~125 ms at V 128256,
+// on a 2-core Zen 5), and 2 MiB pages take ~5x less, and fewer TLB misses when read back. Small
+// buffers, or other systems, get at::empty.
+at::Tensor empty_large(int64_t numel, const at::TensorOptions& opts) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(opts.dtype().toScalarType());
+  if (bytes >= 2 * kHuge) {
+    void* p = nullptr;
+    const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
+    if (posix_memalign(&p, kHuge, size) == 0) {
+      madvise(p, size, MADV_HUGEPAGE);  // advice only: on failure the pages stay 4 KiB
+      return at::from_blob(p, {numel}, [](void* q) { std::free(q); }, opts);
+    }
+  }
+#endif
+  return at::empty({numel}, opts);
 }
 
 struct Plan {
@@ -165,10 +213,12 @@ inline int64_t tile_column(int64_t y, int64_t v0, int64_t vt) {
 template <typename scalar_t, typename acc_t>
 void forward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tgt,
                   const at::Tensor& bias, const LogitMap<acc_t>& o, bool entropy,
-                  at::Tensor& logp, at::Tensor& lse, at::Tensor& ent) {
+                  at::Tensor& logp, at::Tensor& lse, at::Tensor& ent, at::Tensor& kept) {
   constexpr int64_t kRowBlock = Tiles<scalar_t>::NB, kVocabTile = Tiles<scalar_t>::VT;
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   const Plan plan = make_plan(H.size(0), H.size(1), W.size(0), kVocabTile);
   const int64_t N = plan.N, V = plan.V, P = plan.ntasks;
+  const int64_t Nk = KeptLogits::rows(N, kRowBlock);  // used when kept.defined()
   const auto acc_opts = H.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   // per task row state: m, s, a
   at::Tensor state = at::empty({P, 3, N}, acc_opts);
@@ -185,7 +235,7 @@ void forward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tg
     DenormalsAreZero daz;
     const int64_t tile_elems = std::min(kRowBlock, Np) * std::min(kVocabTile, V);
     at::Tensor zt = at::empty({tile_elems}, H.options());
-    at::Tensor zacc = std::is_same_v<scalar_t, acc_t> ? zt : at::empty({tile_elems}, acc_opts);
+    at::Tensor zacc = same ? zt : at::empty({tile_elems}, acc_opts);
     for (int64_t task = task_begin; task < task_end; ++task) {
       acc_t* st = state.data_ptr<acc_t>() + task * 3 * N;
       acc_t *m = st, *s = st + N, *a = st + 2 * N;
@@ -196,13 +246,17 @@ void forward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tg
         at::Tensor w_tile = W.narrow(0, v0, vt);
         for (int64_t r0 = 0; r0 < N; r0 += kRowBlock) {
           const int64_t nb = std::min(kRowBlock, N - r0), nbp = std::min(kRowBlock, Np - r0);
-          at::Tensor z = zt.narrow(0, 0, nbp * vt).view({nbp, vt});
+          at::Tensor z = (kept.defined() ? kept.narrow(0, Nk * v0 + r0 * vt, nbp * vt)
+                                         : zt.narrow(0, 0, nbp * vt))
+                             .view({nbp, vt});
           gemm(z, Hp.narrow(0, r0, nbp), w_tile.t());  // [nbp, vt]; rows >= nb are padding
-          acc_t* za = const_cast<acc_t*>(tile_as_acc<scalar_t, acc_t>(z, zacc, nb * vt));
+          // the mapped logits f go to the tile buffer (in place unless z is the kept buffer)
+          const acc_t* za = tile_as_acc<scalar_t, acc_t>(z, zacc, nb * vt);
+          acc_t* fa = zacc.data_ptr<acc_t>();
           for (int64_t i = 0; i < nb; ++i) {
             const int64_t r = r0 + i;
-            acc_t* row = za + i * vt;
-            acc_t tmax = map_row_max(row, b ? b + v0 : nullptr, vt, o);
+            acc_t* row = fa + i * vt;
+            acc_t tmax = map_row_max(za + i * vt, row, b ? b + v0 : nullptr, vt, o);
             const int64_t c = tile_column(t[r], v0, vt);
             if (c >= 0) tf[r] = row[c];
             lse_update(row, vt, tmax, entropy, m[r], s[r], a[r]);
@@ -230,10 +284,11 @@ template <typename scalar_t, typename acc_t>
 void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tgt,
                    const at::Tensor& bias, const LogitMap<acc_t>& o, const at::Tensor& g_logp,
                    const at::Tensor& g_ent, const at::Tensor& lse, const at::Tensor& ent,
-                   at::Tensor& dH, at::Tensor& dW, at::Tensor& db) {
+                   const at::Tensor& kept, at::Tensor& dH, at::Tensor& dW, at::Tensor& db) {
   constexpr int64_t kRowBlock = Tiles<scalar_t>::NB, kVocabTile = Tiles<scalar_t>::VT;
   const Plan plan = make_plan(H.size(0), H.size(1), W.size(0), kVocabTile);
   const int64_t N = plan.N, D = plan.D, V = plan.V, P = plan.ntasks;
+  const int64_t Nk = KeptLogits::rows(N, kRowBlock);  // used when kept.defined()
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   const auto acc_opts = H.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const bool need_h = dH.defined(), need_w = dW.defined(), need_b = db.defined();
@@ -281,8 +336,13 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
         for (int64_t r0 = 0; r0 < N; r0 += kRowBlock) {
           const int64_t nb = std::min(kRowBlock, N - r0), nbp = std::min(kRowBlock, Np - r0);
           at::Tensor h_blk = Hp.narrow(0, r0, nbp);
-          at::Tensor z = zt.narrow(0, 0, nbp * vt).view({nbp, vt});
-          gemm(z, h_blk, w_tile.t());  // recompute the logits tile
+          at::Tensor z;
+          if (kept.defined()) {  // the forward's tile (the grad tile below is the other buffer)
+            z = kept.narrow(0, Nk * v0 + r0 * vt, nbp * vt).view({nbp, vt});
+          } else {
+            z = zt.narrow(0, 0, nbp * vt).view({nbp, vt});
+            gemm(z, h_blk, w_tile.t());  // recompute the logits tile
+          }
           const acc_t* za = tile_as_acc<scalar_t, acc_t>(z, zacc, nb * vt);
           at::Tensor g = gt.narrow(0, 0, nbp * vt).view({nbp, vt});
           scalar_t* gp = g.data_ptr<scalar_t>();
@@ -352,6 +412,25 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
 std::string cpu_fp32_gemm() { return Gemm(at::kFloat).onednn ? "onednn" : "mkl"; }
 
 namespace {
+// out = a @ b through the kernels' tile GEMM (Gemm: oneDNN for fp32 and bf16 where available),
+// on whole matrices: the benchmarks' "four GEMMs of the op's shapes" in the library the op uses.
+void cpu_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "cpu_mm: a ", a.sizes(),
+              " and b ", b.sizes(), " do not multiply");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == a.size(0) && out.size(1) == b.size(1) &&
+                  out.is_contiguous(),
+              "cpu_mm: out must be contiguous [", a.size(0), ", ", b.size(1), "], got ",
+              out.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.scalar_type() == out.scalar_type() &&
+                  a.device().is_cpu() && b.device().is_cpu() && out.device().is_cpu(),
+              "cpu_mm: a, b and out must be CPU tensors of one dtype");
+  at::Tensor o = out;
+  Gemm(a.scalar_type())(o, a, b);
+}
+}  // namespace
+
+namespace {
 
 std::optional<at::Tensor> opt(const at::Tensor& x) {
   return x.defined() ? std::optional<at::Tensor>(x) : std::nullopt;
@@ -362,10 +441,12 @@ at::Tensor as_acc(const std::optional<at::Tensor>& x, at::ScalarType acc) {
   return x->detach().to(acc).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
+// logits_budget: bytes the kept logits may take (0: never keep them); the fourth output is the
+// kept buffer (see KeptLogits) when they fit, else an empty [0] tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     const std::optional<at::Tensor>& bias, double temperature, double softcap, bool with_entropy,
-    bool check_targets) {
+    bool check_targets, int64_t logits_budget) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // a raw kernel: autograd lives in Python
   at::Tensor tgt = targets.contiguous();
   check_inputs(hidden, weight, tgt, bias);
@@ -376,14 +457,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
   at::Tensor logp = at::empty({N}, H.options().dtype(acc));
   at::Tensor lse = at::empty({N}, H.options().dtype(acc));
   at::Tensor ent = at::empty({with_entropy ? N : 0}, H.options().dtype(acc));
-  if (N == 0) return {logp, lse, ent};
+  at::Tensor none = at::empty({0}, H.options());
+  if (N == 0) return {logp, lse, ent, none};
   at::Tensor b = as_acc(bias, acc);
+  at::Tensor kept;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, H.scalar_type(), "linear_logprobs_fwd", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const int64_t need = KeptLogits::bytes<scalar_t>(N, W.size(0));
+    if (logits_budget > 0 && need <= logits_budget) {
+      kept = empty_large(need / static_cast<int64_t>(sizeof(scalar_t)), H.options());
+    }
     forward_impl<scalar_t, acc_t>(H, W, tgt, b, make_map<acc_t>(temperature, softcap),
-                                  with_entropy, logp, lse, ent);
+                                  with_entropy, logp, lse, ent, kept);
   });
-  return {logp, lse, ent};
+  return {logp, lse, ent, kept.defined() ? kept : none};
 }
 
 using OptTensor = std::optional<at::Tensor>;
@@ -393,7 +480,8 @@ std::tuple<OptTensor, OptTensor, OptTensor> linear_logprobs_bwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     const std::optional<at::Tensor>& bias, const at::Tensor& lse,
     const std::optional<at::Tensor>& entropy, double temperature, double softcap,
-    bool need_hidden, bool need_weight, bool need_bias, bool check_targets) {
+    bool need_hidden, bool need_weight, bool need_bias, bool check_targets,
+    const std::optional<at::Tensor>& logits) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   at::Tensor tgt = targets.contiguous();
   check_inputs(hidden, weight, tgt, bias);
@@ -417,7 +505,7 @@ std::tuple<OptTensor, OptTensor, OptTensor> linear_logprobs_bwd(
   at::Tensor H = hidden.detach().contiguous(), W = weight.detach().contiguous();
   const auto acc = H.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dH = need_hidden ? at::empty_like(H) : at::Tensor();
-  at::Tensor dW = need_weight ? at::empty_like(W) : at::Tensor();
+  at::Tensor dW = need_weight ? empty_large(W.numel(), W.options()).view(W.sizes()) : at::Tensor();
   at::Tensor db = need_bias ? at::zeros({W.size(0)}, H.options().dtype(acc)) : at::Tensor();
   if (N == 0 || !(need_hidden || need_weight || need_bias)) {
     if (dH.defined()) dH.zero_();
@@ -427,10 +515,21 @@ std::tuple<OptTensor, OptTensor, OptTensor> linear_logprobs_bwd(
   at::Tensor b = as_acc(bias, acc), gl = as_acc(grad_logp, acc), ge = as_acc(grad_entropy, acc);
   at::Tensor ls = lse.detach().to(acc).contiguous();
   at::Tensor en = with_entropy ? as_acc(entropy, acc) : at::Tensor();
+  at::Tensor kept;  // the forward's kept logits (an empty one means: recompute)
+  if (logits.has_value() && logits->defined() && logits->numel() > 0) kept = logits->detach();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, H.scalar_type(), "linear_logprobs_bwd", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    if (kept.defined()) {
+      const int64_t want = KeptLogits::bytes<scalar_t>(N, W.size(0)) /
+                           static_cast<int64_t>(sizeof(scalar_t));
+      TORCH_CHECK(kept.dim() == 1 && kept.numel() == want && kept.scalar_type() == H.scalar_type()
+                      && kept.is_contiguous() && kept.device().is_cpu(),
+                  "linear_logprobs_bwd: logits must be the forward's kept buffer for these shapes "
+                  "(contiguous ", H.scalar_type(), " [", want, "]), got ", kept.scalar_type(), " ",
+                  kept.sizes());
+    }
     backward_impl<scalar_t, acc_t>(H, W, tgt, b, make_map<acc_t>(temperature, softcap), gl, ge,
-                                   ls, en, dH, dW, db);
+                                   ls, en, kept, dH, dW, db);
   });
   return {opt(dH), opt(dW), opt(db)};
 }
@@ -441,16 +540,18 @@ std::tuple<OptTensor, OptTensor, OptTensor> linear_logprobs_bwd(
 TORCH_LIBRARY_FRAGMENT(fastpref_C, m) {
   m.def(
       "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
-      "float temperature, float softcap, bool with_entropy, bool check_targets=True) "
-      "-> (Tensor, Tensor, Tensor)");
+      "float temperature, float softcap, bool with_entropy, bool check_targets=True, "
+      "int logits_budget=0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "linear_logprobs_bwd(Tensor? grad_logp, Tensor? grad_entropy, Tensor hidden, "
       "Tensor weight, Tensor targets, Tensor? bias, Tensor lse, Tensor? entropy, "
       "float temperature, float softcap, bool need_hidden, bool need_weight, bool need_bias, "
-      "bool check_targets=True) -> (Tensor?, Tensor?, Tensor?)");
+      "bool check_targets=True, Tensor? logits=None) -> (Tensor?, Tensor?, Tensor?)");
+  m.def("cpu_mm(Tensor a, Tensor b, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastpref_C, CPU, m) {
   m.impl("linear_logprobs_fwd", &fastpref::linear_logprobs_fwd);
   m.impl("linear_logprobs_bwd", &fastpref::linear_logprobs_bwd);
+  m.impl("cpu_mm", &fastpref::cpu_mm);
 }

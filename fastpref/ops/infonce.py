@@ -170,7 +170,8 @@ def _fused_rows(
         local = (pos - torch.arange(B, device=pos.device) * group_size)[:, None]
         return torch.logsumexp(scores, dim=-1) - scores.gather(1, local).squeeze(1)
     # positive_index was checked once (by _prepare, or by the op under torch.compile)
-    kw = dict(backend=o.backend, temperature=tau)
+    # logits_budget=0: the scores stay tiled in the backward too (never B x M, even kept)
+    kw = dict(backend=o.backend, temperature=tau, logits_budget=0)
     loss = -run_logprobs("linear_logprobs", q, p, pos, targets_checked=o.pos_checked, **kw)[0]
     if o.symmetric:  # the positives against every query: B×B_all, never materialised either
         labels = torch.arange(q.shape[0], device=q.device) + q_offset  # in range by construction

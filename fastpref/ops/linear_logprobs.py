@@ -5,7 +5,11 @@ set, then ``z / temperature`` (the order Gemma 2 and the DPO trainers use). Per 
 ``lse = logsumexp(z)``, ``logp = z[target] - lse``, ``entropy = lse - sum_v softmax(z)_v z_v``.
 The algorithm is Cut Cross-Entropy's (Wijmans et al., https://arxiv.org/abs/2411.09009): rows
 whose target is ``ignore_index`` are dropped before any GEMM, rows x vocab tiles with an online
-log-sum-exp, only ``lse`` saved, and a backward that recomputes each tile.
+log-sum-exp, only ``lse`` saved, and a backward that recomputes each tile: four GEMMs (logits,
+their recompute, dH, dW). Three when the kept rows' logits fit ``FASTPREF_LOGITS_BUDGET``
+(``logits_budget_for``): the C++ kernel then keeps its forward GEMM tiles for the backward
+instead of recomputing them (same values bit for bit); the chunked and Triton kernels always
+recompute.
 
 Layers (STYLE.md): ``linear_logprobs_reference`` (materialises the logits, ground truth);
 kernels on compacted rows (``_IMPLS``) -- ``chunked`` (PyTorch, ``_linear_logprobs_chunked``),
@@ -23,6 +27,7 @@ kernel scans them again: the kernels only compare a target with their tile's col
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastpref.constants import IGNORE_INDEX, accumulation_dtype
+from fastpref.errors import ConfigError
 from fastpref.ops._dispatch import select_backend
 from fastpref.ops._linear_logprobs_kernels import KERNELS as _IMPLS
 
@@ -43,6 +49,10 @@ __all__ = [
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
+LOGITS_BUDGET_ENV = "FASTPREF_LOGITS_BUDGET"
+# default budget of the kept logits: 4 lm_head weights, at least 256 MiB (see logits_budget_for)
+_BUDGET_WEIGHTS, _BUDGET_FLOOR = 4, 256 * 2**20
+
 
 @dataclass(frozen=True)
 class LogitOptions:
@@ -54,6 +64,33 @@ class LogitOptions:
     with_entropy: bool = False  # also compute the per-row entropy
     backend: str = "chunked"  # a resolved backend name (never None)
     targets_checked: bool = False  # the caller already ran check_labels on these targets
+    logits_budget: int = 0  # bytes the backward may keep of the logits (0: recompute them)
+
+
+def logits_budget_for(weight: Tensor) -> int:
+    """Bytes of kept logits that buy the three-GEMM backward (0: always recompute).
+
+    ``FASTPREF_LOGITS_BUDGET`` (a byte count, ``0`` disables) when set, else
+    ``max(4 * weight.nbytes, 256 MiB)``: the logits are kept while the kept rows (padded to 64)
+    are at most ``4 * D`` -- the kept logits then take at most 4 lm_head weights, a small
+    multiple of the model -- or while they fit 256 MiB (small heads). The DPO bench step (1015
+    kept rows, D 256) keeps them at vocab 32k (130 MB fp32) and 128k (525 MB fp32, 4 weights).
+    The C++ kernel keeps ``rows x V`` values in the input dtype from the forward until the
+    backward has run (``rows`` = the kept rows, the last block padded to 64).
+    """
+    raw = os.environ.get(LOGITS_BUDGET_ENV)
+    if raw is None or raw.strip() == "":
+        return max(_BUDGET_WEIGHTS * weight.numel() * weight.element_size(), _BUDGET_FLOOR)
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(
+            f"{LOGITS_BUDGET_ENV}={raw!r}: expected a byte count >= 0 (e.g. 536870912 for "
+            f"512 MiB; 0 recomputes the logits in the backward), or unset for the default"
+        )
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,10 +189,14 @@ def _fwd_op(
     with_entropy: bool,
     backend: str,
     targets_checked: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp[N], lse[N], entropy[N] or [0]) in fp32 (fp64 for fp64); 0 on ignored rows.
+    logits_budget: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(logp[N], lse[N], entropy[N] or [0], kept logits or [0]); 0 on ignored rows.
 
-    Checks the targets unless ``targets_checked`` (the caller ran ``check_labels``).
+    logp, lse and entropy in fp32 (fp64 for fp64). The kept logits are the kernel's own buffer
+    for the backward (the compacted rows' GEMM tiles), returned only where the kernel keeps them
+    (``cpu``) and they fit ``logits_budget`` bytes. Checks the targets unless
+    ``targets_checked`` (the caller ran ``check_labels``).
     """
     acc = accumulation_dtype(hidden.dtype)
     N = hidden.shape[0]
@@ -166,27 +207,32 @@ def _fwd_op(
     lse = hidden.new_zeros((N,), dtype=acc)
     ent = hidden.new_zeros((N if with_entropy else 0,), dtype=acc)
     n_kept = N if rows is None else rows.numel()
+    none = hidden.new_empty((0,))
     if n_kept == 0:
-        return logp, lse, ent
+        return logp, lse, ent, none
     h = _take(hidden, rows).contiguous()
     t = _take(targets, rows).long().contiguous()
     fwd, _ = _IMPLS[backend]
-    lp_k, lse_k, ent_k = fwd(h, weight.contiguous(), t, bias, temperature, softcap, with_entropy)
+    lp_k, lse_k, ent_k, logits = fwd(
+        h, weight.contiguous(), t, bias, temperature, softcap, with_entropy, logits_budget
+    )
     logp, lse = _scatter(lp_k.to(acc), rows, N), _scatter(lse_k.to(acc), rows, N)
     if with_entropy:
         ent = _scatter(ent_k.to(acc), rows, N)
-    return logp, lse, ent
+    return logp, lse, ent, none if logits is None else logits
 
 
 @_fwd_op.register_fake
 def _(hidden, weight, targets, bias, ignore_index, temperature, softcap, with_entropy, backend,
-      targets_checked=False):  # fmt: skip
+      targets_checked=False, logits_budget=0):  # fmt: skip
     acc = accumulation_dtype(hidden.dtype)
     N = hidden.shape[0]
+    kept = torch.library.get_ctx().new_dynamic_size() if logits_budget > 0 else 0
     return (
         hidden.new_empty((N,), dtype=acc),
         hidden.new_empty((N,), dtype=acc),
         hidden.new_empty((N if with_entropy else 0,), dtype=acc),
+        hidden.new_empty((kept,)),
     )
 
 
@@ -207,10 +253,12 @@ def _bwd_op(
     need_weight: bool,
     need_bias: bool,
     backend: str,
+    logits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dH, dW, db); a gradient that is not needed comes back as an empty [0] tensor.
 
-    ``targets`` are the forward's, which checked them; they are not scanned again.
+    ``targets`` are the forward's, which checked them; they are not scanned again. ``logits``:
+    the forward's kept logits (then the backward does not recompute them), or None / empty.
     """
     N = hidden.shape[0]
     rows = _kept_rows(targets, ignore_index)
@@ -232,6 +280,7 @@ def _bwd_op(
             need_hidden,
             need_weight,
             need_bias and bias is not None,
+            logits if logits is not None and logits.numel() > 0 else None,
         )
     if need_hidden:
         dh = torch.zeros_like(hidden) if dh is None else _scatter(dh.to(hidden.dtype), rows, N)
@@ -248,7 +297,7 @@ def _bwd_op(
 
 @_bwd_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, ignore_index,
-      temperature, softcap, need_hidden, need_weight, need_bias, backend):  # fmt: skip
+      temperature, softcap, need_hidden, need_weight, need_bias, backend, logits=None):  # fmt: skip
     return (
         torch.empty_like(hidden) if need_hidden else hidden.new_empty((0,)),
         torch.empty_like(weight) if need_weight else hidden.new_empty((0,)),
@@ -265,24 +314,27 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias, opts: LogitOptions):
-        logp, lse, ent = torch.ops.fastpref.linear_logprobs_fwd(
+        logp, lse, ent, logits = torch.ops.fastpref.linear_logprobs_fwd(
             hidden, weight, targets, bias, opts.ignore_index, opts.temperature, opts.softcap,
-            opts.with_entropy, opts.backend, opts.targets_checked,
+            opts.with_entropy, opts.backend, opts.targets_checked, opts.logits_budget,
         )  # fmt: skip
         ctx.opts = opts
-        ctx.save_for_backward(hidden, weight, targets, bias, lse, ent)
+        # logits: the kept logits of the three-GEMM path, or [0] (the backward recomputes them);
+        # saved like the rest, so they are freed once the backward has run
+        ctx.save_for_backward(hidden, weight, targets, bias, lse, ent, logits)
         ctx.mark_non_differentiable(lse)
         return logp, ent
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, targets, bias, lse, ent = ctx.saved_tensors
+        hidden, weight, targets, bias, lse, ent, logits = ctx.saved_tensors
         o: LogitOptions = ctx.opts
         need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
         dh, dw, db = torch.ops.fastpref.linear_logprobs_bwd(
             grad_logp, grad_entropy if o.with_entropy else None, hidden, weight, targets, bias,
             lse, ent if o.with_entropy else None, o.ignore_index, o.temperature, o.softcap,
             need_h, need_w, need_b and bias is not None, o.backend,
+            logits if logits.numel() > 0 else None,
         )  # fmt: skip
         return (
             dh if need_h else None,
@@ -302,8 +354,8 @@ def _fused(hidden, weight, targets, bias, opts: LogitOptions) -> tuple[Tensor, T
     tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return _LinearLogprobs.apply(hidden, weight, targets, bias, opts)
-    # no graph to build (e.g. a reference model under torch.no_grad): nothing is saved
-    logp, _, ent = torch.ops.fastpref.linear_logprobs_fwd(
+    # no graph to build (e.g. a reference model under torch.no_grad): nothing is saved or kept
+    logp, _, ent, _ = torch.ops.fastpref.linear_logprobs_fwd(
         hidden, weight, targets, bias, opts.ignore_index, opts.temperature, opts.softcap,
         opts.with_entropy, opts.backend, opts.targets_checked,
     )  # fmt: skip
@@ -385,18 +437,29 @@ def run_logprobs(
     softcap: float | None = None,
     with_entropy: bool = False,
     targets_checked: bool = False,
+    logits_budget: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(logp[N], entropy[N] or [0]): the argument checks, one ``select_backend``, the backend.
 
     The public functions and the ops built on this one (``sequence_logprobs``, ``infonce``) call
     it; those may check the targets themselves and pass ``targets_checked=True``.
+    ``logits_budget``: None reads ``FASTPREF_LOGITS_BUDGET`` (or the default, see
+    ``logits_budget_for``); an op that promises never to hold N x V values passes 0.
     """
     _check(name, hidden, weight, targets, bias, temperature, softcap)
     chosen = select_backend(name, hidden.device, backend, BACKENDS)
     softcap = None if softcap is None else float(softcap)
+    # the three-GEMM path in eager mode (torch.compile traces the recomputing one)
+    if torch.compiler.is_compiling():
+        budget = 0
+    elif logits_budget is None:
+        budget = logits_budget_for(weight)
+    else:
+        budget = int(logits_budget)
     opts = LogitOptions(
-        int(ignore_index), float(temperature), softcap, with_entropy, chosen, targets_checked
-    )
+        int(ignore_index), float(temperature), softcap, with_entropy, chosen, targets_checked,
+        budget,
+    )  # fmt: skip
     return BACKENDS[chosen](hidden, weight, targets, bias, opts)
 
 
@@ -422,7 +485,10 @@ def linear_logprobs(
     (the C++ kernel: 512 x 256 x 4 bytes) plus O(N) row state.
 
     Differentiable in ``hidden``, ``weight`` and ``bias`` for any upstream gradient; the backward
-    recomputes the logits tile by tile. Under ``torch.no_grad()`` nothing is kept.
+    recomputes the logits tile by tile, or (the C++ backend, when the kept rows' logits fit
+    ``FASTPREF_LOGITS_BUDGET`` bytes, default 4 lm_head weights or 256 MiB)
+    reads the forward's, kept until the backward: three GEMMs instead of four, the same
+    gradients. Under ``torch.no_grad()`` nothing is kept.
 
     Args:
         hidden: ``[N, D]`` float32 / bfloat16 (float16 on GPU, float64 for checks).

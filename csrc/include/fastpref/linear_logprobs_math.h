@@ -58,9 +58,11 @@ inline at::vec::Vectorized<acc_t> fast_exp(const at::vec::Vectorized<acc_t>& x) 
   }
 }
 
-// f = map(z + b) in place over one row of n logits; returns the NaN-propagating max.
+// f = map(z + b) over one row of n logits, written to out (which may be z itself: in place);
+// returns the NaN-propagating max.
 template <typename acc_t>
-inline acc_t map_row_max(acc_t* z, const acc_t* b, int64_t n, const LogitMap<acc_t>& o) {
+inline acc_t map_row_max(const acc_t* z, acc_t* out, const acc_t* b, int64_t n,
+                         const LogitMap<acc_t>& o) {
   using V = at::vec::Vectorized<acc_t>;
   const V vit(o.inv_temp), vic(o.inv_cap), vcs(o.cap_scale);
   V vmax(-std::numeric_limits<acc_t>::infinity());
@@ -69,7 +71,7 @@ inline acc_t map_row_max(acc_t* z, const acc_t* b, int64_t n, const LogitMap<acc
     V v = V::loadu(z + j);
     if (b) v = v + V::loadu(b + j);
     v = o.has_cap ? (v * vic).tanh() * vcs : v * vit;
-    v.store(z + j);
+    v.store(out + j);
     vmax = at::vec::maximum(vmax, v);
   }
   acc_t m = at::vec::vec_reduce_all<acc_t>(
@@ -77,7 +79,7 @@ inline acc_t map_row_max(acc_t* z, const acc_t* b, int64_t n, const LogitMap<acc
   for (; j < n; ++j) {
     acc_t v = z[j] + (b ? b[j] : acc_t(0));
     v = o.has_cap ? std::tanh(v * o.inv_cap) * o.cap_scale : v * o.inv_temp;
-    z[j] = v;
+    out[j] = v;
     m = nan_max(m, v);
   }
   return m;

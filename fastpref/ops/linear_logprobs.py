@@ -482,13 +482,14 @@ def linear_logprobs(
     ``(hidden @ weight.T + bias).float().log_softmax(-1).gather(-1, y[:, None])[:, 0]`` (with the
     softcap and temperature) without allocating the N x V logits: rows with
     ``y == ignore_index`` never enter a GEMM, and the extra memory is one logits tile per thread
-    (the C++ kernel: 512 x 256 x 4 bytes) plus O(N) row state.
+    (the C++ kernel: 512 x 256 x 4 bytes) plus O(N) row state -- with ``FASTPREF_LOGITS_BUDGET=0``;
+    by default see the next paragraph.
 
     Differentiable in ``hidden``, ``weight`` and ``bias`` for any upstream gradient; the backward
     recomputes the logits tile by tile, or (the C++ backend, when the kept rows' logits fit
-    ``FASTPREF_LOGITS_BUDGET`` bytes, default 4 lm_head weights or 256 MiB)
-    reads the forward's, kept until the backward: three GEMMs instead of four, the same
-    gradients. Under ``torch.no_grad()`` nothing is kept.
+    ``FASTPREF_LOGITS_BUDGET`` bytes, default 4 lm_head weights or 256 MiB) reads the forward's,
+    kept (kept rows x V in the input dtype) until the backward has run: three GEMMs instead of
+    four, the same gradients. Under ``torch.no_grad()`` nothing is kept.
 
     Args:
         hidden: ``[N, D]`` float32 / bfloat16 (float16 on GPU, float64 for checks).

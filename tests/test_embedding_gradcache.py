@@ -176,8 +176,11 @@ def test_packed_rows_embed_like_the_padded_batch(kind, pooling):
         run(True, torch.float32),
         run(False, torch.float32),
     )
-    for t, got, ref in [(truth[0], packed[0], padded[0])] + [
+    cases = [(truth[0], packed[0], padded[0])] + [
         (truth[1][k], packed[1][k], padded[1][k]) for k in truth[1]
-    ]:
+    ]
+    # a parameter whose exact gradient is ~0 (cls pooling) is judged on the gradients' own scale
+    floor = 1e-9 * max(float(t.abs().max()) for t, _, _ in cases[1:])
+    for t, got, ref in cases:
         scale = float(t.abs().max())
-        assert (got - t).abs().max() <= 2 * (ref - t).abs().max() + 1e-6 * scale
+        assert (got - t).abs().max() <= 2 * (ref - t).abs().max() + 1e-6 * scale + floor

@@ -294,7 +294,11 @@ class EmbeddingModel(nn.Module):
         return _GradCache.apply(anchor, self, input_ids, attention_mask, chunk)
 
 
-PACK_ROW = 128  # tokens per packed row: several short texts share one, attention stays cheap
+# Tokens per packed row (or the longest sequence, if longer): several short texts share a row.
+# Attention and its dropout run over whole rows, so rows stay short: at 64, all-MiniLM-L6-v2's
+# fwd+bwd over 192 texts of <= 32 tokens took 1.63-1.77 s against 1.90-1.96 s at 128 and
+# 1.73-1.98 s for the padded batches (Zen 5, load 1.4).
+PACK_ROW = 64
 
 
 @dataclass

@@ -50,8 +50,8 @@ __all__ = [
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 LOGITS_BUDGET_ENV = "FASTPREF_LOGITS_BUDGET"
-# default budget of the kept logits: 4 lm_head weights, at least 256 MiB (see logits_budget_for)
-_BUDGET_WEIGHTS, _BUDGET_FLOOR = 4, 256 * 2**20
+# default budget of the kept logits (see logits_budget_for)
+_BUDGET_DEFAULT = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -70,17 +70,18 @@ class LogitOptions:
 def logits_budget_for(weight: Tensor) -> int:
     """Bytes of kept logits that buy the three-GEMM backward (0: always recompute).
 
-    ``FASTPREF_LOGITS_BUDGET`` (a byte count, ``0`` disables) when set, else
-    ``max(4 * weight.nbytes, 256 MiB)``: the logits are kept while the kept rows (padded to 64)
-    are at most ``4 * D`` -- the kept logits then take at most 4 lm_head weights, a small
-    multiple of the model -- or while they fit 256 MiB (small heads). The DPO bench step (1015
-    kept rows, D 256) keeps them at vocab 32k (130 MB fp32) and 128k (525 MB fp32, 4 weights).
+    ``FASTPREF_LOGITS_BUDGET`` (a byte count, ``0`` disables) when set, else 256 MiB. The DPO
+    bench step (1015 kept rows, D 256) keeps its logits at vocab 32k (130 MB fp32) and recomputes
+    them at 128k (525 MB): there the kept path measured no faster in the trainer's step (its
+    forward slowed, 0.23-0.94 s against 0.19-0.21 s) and raised the peak by ~456 MB
+    (bench/README.md), so the default no longer scales with the lm_head (it was
+    ``max(4 * weight bytes, 256 MiB)``).
     The C++ kernel keeps ``rows x V`` values in the input dtype from the forward until the
     backward has run (``rows`` = the kept rows, the last block padded to 64).
     """
     raw = os.environ.get(LOGITS_BUDGET_ENV)
     if raw is None or raw.strip() == "":
-        return max(_BUDGET_WEIGHTS * weight.numel() * weight.element_size(), _BUDGET_FLOOR)
+        return _BUDGET_DEFAULT
     try:
         value = int(raw.strip())
     except ValueError:
@@ -487,7 +488,7 @@ def linear_logprobs(
 
     Differentiable in ``hidden``, ``weight`` and ``bias`` for any upstream gradient; the backward
     recomputes the logits tile by tile, or (the C++ backend, when the kept rows' logits fit
-    ``FASTPREF_LOGITS_BUDGET`` bytes, default 4 lm_head weights or 256 MiB) reads the forward's,
+    ``FASTPREF_LOGITS_BUDGET`` bytes, default 256 MiB) reads the forward's,
     kept (kept rows x V in the input dtype) until the backward has run: three GEMMs instead of
     four, the same gradients. Under ``torch.no_grad()`` nothing is kept.
 

@@ -20,6 +20,7 @@ import torch
 from fastpref.errors import TrainingError
 from fastpref.families import family_of, get_objective
 from fastpref.families.base import Dist, EvalResult, batch_to_device
+from fastpref.ops.linear import use_onednn_linears
 from fastpref.paths import looks_local
 from fastpref.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastpref.train.config import ConfigError, TrainConfig, loss_hparams
@@ -261,6 +262,8 @@ def train(cfg: TrainConfig) -> dict:
     train_ex = task.prepare(train_rows, source, "train")
     eval_ex = task.prepare(eval_rows, cfg.eval_split or source, "eval")
     model = task.build_model(dist)
+    if dist.device.type == "cpu":  # nn.Linear's fp32 GEMMs in oneDNN (FASTPREF_LINEAR=aten: not)
+        use_onednn_linears(model.module)
     if model.vocab is not None and len(task.tokenizer) > model.vocab:
         raise ConfigError(
             f"the tokenizer has {len(task.tokenizer)} tokens but the model embeds only "

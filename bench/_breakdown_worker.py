@@ -75,7 +75,7 @@ def classify_forward(names: list[str]) -> str:
     if has(lambda n: n == "fp:backbone"):
         if has(lambda n: "scaled_dot_product" in n or "flash_attention" in n):
             return ROWS[4]
-        if has(lambda n: n == "aten::linear"):
+        if has(lambda n: n in ("aten::linear", "_OneDNNLinear")):  # fastpref.ops.linear
             return ROWS[2]
         if has(lambda n: n == "aten::embedding"):
             return ROWS[6]

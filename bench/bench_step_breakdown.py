@@ -337,7 +337,10 @@ def test_step_breakdown(benchmark, workdir: Path, case: str, vocab: int) -> None
     # the rows account for the profiled steps: nothing double-counted, nothing lost
     rows = s["rows"]
     assert abs(sum(rows.values()) - s["profiled_step_s"]) < 1e-6 * max(1, s["profiled_step_s"])
-    assert rows["Python and loop (no op traced)"] >= 0, rows
+    # The profiler's self times of nested events may overlap a little (the routed linears'
+    # Function and its cpu_mm calls: up to -3.6 ms of a 1 s InfoNCE step seen); more than 1% of
+    # the step would be a real double count.
+    assert rows["Python and loop (no op traced)"] >= -0.01 * s["profiled_step_s"], rows
     assert rows[FUSED_BWD] > 0 and rows["backbone linear GEMMs bwd"] > 0, rows
 
 

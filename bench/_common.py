@@ -41,6 +41,13 @@ LLAMA_QUICK = dict(LLAMA, hidden_size=64, intermediate_size=128, num_hidden_laye
 # resident set of a worker tracks its live tensors (the default dynamic threshold keeps freed
 # buffers in the heap, which hides the peak of a later call).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+# what every benchmark's child process runs under: nothing from a hub, no progress bars
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TQDM_DISABLE": "1",
+}
 
 
 def hardware() -> dict[str, object]:

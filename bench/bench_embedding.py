@@ -39,6 +39,7 @@ import torch
 from _common import (
     BENCH_DIR,
     MALLOC_ENV,
+    OFFLINE_ENV,
     QUICK,
     hardware,
     loadavg,
@@ -54,10 +55,7 @@ else:
     SMALL, LARGE, WARMUP, TIMED, SEARCH_FROM, SEARCH_MAX = 64, 512, 1, 3, 64, 16384
 THREADS = os.environ.get("FASTPREF_BENCH_THREADS")
 ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TQDM_DISABLE": "1",
+    **OFFLINE_ENV,
     **MALLOC_ENV,
     **({"OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS} if THREADS else {}),
 }

@@ -31,6 +31,7 @@ import pytest
 import torch
 from _common import (
     BENCH_DIR,
+    OFFLINE_ENV,
     QUICK,
     build_llama,
     hardware,
@@ -48,12 +49,6 @@ else:
     VOCABS, WARMUP, TIMED, DECODE_TOKENS = (32000, 128256), 1, 3, 60
 STEPS = WARMUP + TIMED
 LOSS_ATOL = 1e-5
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TQDM_DISABLE": "1",
-}
 RESULTS: dict[str, dict] = {}
 FLAGS = ["--objective", "combined", "--ranking-loss", "ranknet", "--weighted"]
 

@@ -51,6 +51,7 @@ from _common import (
     BENCH_DIR,
     LLAMA,
     LLAMA_QUICK,
+    OFFLINE_ENV,
     QUICK,
     build_llama,
     hardware,
@@ -76,12 +77,6 @@ PASSAGES, EMBED_MAX_LENGTH = 20, 32
 PROMPT_WORDS = (50, 68)  # + BOS: ~60 prompt tokens
 COMPLETION_WORDS = (52, 72)  # + EOS: ~63 completion tokens
 SPECIAL = ("<pad>", "<s>", "</s>", "<unk>")
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TQDM_DISABLE": "1",
-}
 RESULTS: dict[str, dict] = {}
 FUSED_FWD, FUSED_BWD = ROWS[0], ROWS[1]
 

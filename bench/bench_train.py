@@ -40,6 +40,7 @@ import pytest
 import torch
 from _common import (
     BENCH_DIR,
+    OFFLINE_ENV,
     QUICK,
     build_llama,
     hardware,
@@ -84,12 +85,9 @@ RESULTS: dict[tuple[int, str], dict] = {}
 THREADS = os.environ.get("FASTPREF_BENCH_THREADS")
 SUFFIX = (f"_{THREADS}thread" if THREADS else "") + ("_long" if LONG else "")
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
+TRAIN_ENV = {
+    **OFFLINE_ENV,
     "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TQDM_DISABLE": "1",
     "FASTPREF_BENCH_QUICK": "1" if QUICK else "0",
     **({"OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS} if THREADS else {}),
 }
@@ -265,7 +263,7 @@ def run_trl(workdir: Path, data: Data, vocab: int, *, gradient_checkpointing: bo
         "--seed", str(SEED),
         *(["--gradient-checkpointing"] if gradient_checkpointing else []),
     )  # fmt: skip
-    child = run_child(cmd, env=OFFLINE_ENV, timeout=3600).check()
+    child = run_child(cmd, env=TRAIN_ENV, timeout=3600).check()
     r = json.loads(out.read_text())
     tokens = completion_tokens(data.trl_examples)
     assert r["steps"] == STEPS == len(r["step_s"])
@@ -310,7 +308,7 @@ def run_fastpref(workdir: Path, data: Data, vocab: int, *, ref_in_pass: bool) ->
         "--no-progress",
         *(["--ref-in-pass"] if ref_in_pass else []),
     )  # fmt: skip
-    child = run_child(cmd, env=OFFLINE_ENV, timeout=3600).check()
+    child = run_child(cmd, env=TRAIN_ENV, timeout=3600).check()
     r = json.loads(out.read_text())
     records = [
         json.loads(line)

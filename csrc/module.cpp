@@ -9,6 +9,7 @@ TORCH_LIBRARY(fastpref_C, m) {}
 
 namespace fastpref {
 std::string cpu_fp32_gemm();  // csrc/cpu/linear_logprobs.cpp
+bool cpu_onednn_available();  // csrc/cpu/linear_logprobs.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -18,7 +19,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.def("cpu_onednn_available", &fastpref::cpu_onednn_available,
+        "Whether this torch exports oneDNN's matmul (FASTPREF_CPU_GEMM=onednn can run)");
   m.def("cpu_fp32_gemm", &fastpref::cpu_fp32_gemm,
-        "Library behind the CPU kernels' float32 GEMMs: 'onednn', or 'mkl' (ATen's mm) where "
-        "this torch exports no oneDNN matmul or FASTPREF_CPU_GEMM=mkl is set");
+        "Library behind the CPU kernels' float32 GEMMs: 'onednn', or 'mkl' (ATen's mm) on Intel "
+        "processors, where this torch exports no oneDNN matmul, or under FASTPREF_CPU_GEMM=mkl");
 }

@@ -251,12 +251,14 @@ def test_cpu_gemm_libraries_agree(N, dtype, monkeypatch):
     """The fp32 tile GEMMs run in oneDNN (rows padded to a multiple of 64) or, with
     FASTPREF_CPU_GEMM=mkl, in ATen's mm: both give the same values and gradients, and the
     oneDNN path is reproducible bit for bit. (bf16 goes to oneDNN through ATen either way: its
-    case checks the padded 1100-row run against itself; test_linear_logprobs checks its values.)"""
+    case checks the padded 1100-row run against itself; test_linear_logprobs checks its values.)
+    oneDNN is asked for by name: unset, Intel processors keep fp32 on MKL."""
     h, w, t = small(N=N, D=48, V=203, seed=1)
     b = torch.randn(203, generator=torch.Generator().manual_seed(2))
     h, w, b = h.to(dtype), w.to(dtype), b.to(dtype)
     t[::5] = -100
-    if _native._C.cpu_fp32_gemm() != "onednn":  # torch 2.13 (CI's pin) does export it
+    monkeypatch.setenv("FASTPREF_CPU_GEMM", "onednn")
+    if not _native._C.cpu_onednn_available():  # torch 2.13 (CI's pin) does export it
         pytest.skip("this torch exports no at::native::mkldnn_matmul: fp32 stays on ATen's mm")
     ours = _fwd_bwd_cpu(h, w, t, b)
     assert all(torch.equal(x, y) for x, y in zip(ours, _fwd_bwd_cpu(h, w, t, b), strict=True))
@@ -307,10 +309,14 @@ def test_forty_batch_sizes_leave_no_trail_of_gemm_state():
     """oneDNN caches ~1 MB of primitive per GEMM shape: the kernel pads the last row block to 64
     rows so that 40 row counts in one 64-row band reuse one set of shapes. Unpadded, this run
     grew the resident set by 93 MB, padded by under 1 MB (fresh process, freed memory trimmed)."""
-    if _native._C.cpu_fp32_gemm() != "onednn":
+    if not _native._C.cpu_onednn_available():
         pytest.skip("this torch exports no at::native::mkldnn_matmul: fp32 stays on ATen's mm")
     proc = subprocess.run(
-        [sys.executable, "-c", _SHAPE_CACHE_CHECK], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _SHAPE_CACHE_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "FASTPREF_CPU_GEMM": "onednn"},  # unset, Intel keeps fp32 on MKL
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     growth = float(proc.stdout.split("growth_mb")[1])

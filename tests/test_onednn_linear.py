@@ -9,9 +9,13 @@ padding add exact zeros to ``g^T @ x``, so they do not change its bound.
 
 Shapes: the tiny Llama's (32/64 wide) and odd ones (37 or 129 rows: not multiples of 64; 64 and
 128: multiples; D_in = 31, D_out = 23: no vector width).
+
+Every test here runs with ``FASTPREF_CPU_GEMM=onednn``: on an Intel processor the default keeps
+fp32 on MKL and routes nothing (``test_default_follows_the_cpu_vendor`` checks that choice).
 """
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,13 +24,44 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fastpref.ops.linear as fl
+from fastpref.ops import _native
 from fastpref.ops.linear import OneDNNLinear, linear, onednn_linear_enabled, use_onednn_linears
 
 U = 2.0**-24
 
+
 needs_onednn = pytest.mark.skipif(
-    not onednn_linear_enabled(), reason="no fastpref._C or no oneDNN in this torch"
+    not (_native.native_available() and _native._C.cpu_onednn_available()),
+    reason="no fastpref._C, or no oneDNN matmul exported by this torch",
 )
+
+
+@pytest.fixture(autouse=True)
+def _onednn_gemms(monkeypatch):
+    monkeypatch.setenv("FASTPREF_CPU_GEMM", "onednn")
+
+
+def _cpu_vendor() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+@needs_onednn
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="no /proc/cpuinfo to compare with")
+def test_default_follows_the_cpu_vendor(monkeypatch):
+    """Unset, fp32 stays with MKL on Intel processors (its AVX-512 kernels beat oneDNN there) and
+    goes to oneDNN elsewhere (MKL takes AVX2 on AMD); the linears follow the kernels' choice."""
+    monkeypatch.delenv("FASTPREF_CPU_GEMM")
+    intel = _cpu_vendor() == "GenuineIntel"
+    assert _native._C.cpu_fp32_gemm() == ("mkl" if intel else "onednn")
+    assert onednn_linear_enabled() is (not intel)
+    assert use_onednn_linears(nn.Sequential(nn.Linear(4, 4))) == (0 if intel else 1)
+    monkeypatch.setenv("FASTPREF_CPU_GEMM", "mkl")
+    assert not onednn_linear_enabled()
+    monkeypatch.setenv("FASTPREF_CPU_GEMM", "onednn")
+    assert onednn_linear_enabled()
 
 
 def _within_bound(got, a, b, exact, K):

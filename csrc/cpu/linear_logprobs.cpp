@@ -250,6 +250,12 @@ void forward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tg
                                          : zt.narrow(0, 0, nbp * vt))
                              .view({nbp, vt});
           gemm(z, Hp.narrow(0, r0, nbp), w_tile.t());  // [nbp, vt]; rows >= nb are padding
+          if (kept.defined() && r0 + nbp < Nk && r0 + kRowBlock >= N) {
+            // the kept layout pads to 64 rows where MKL's GEMM pads none: zero the rest, so
+            // the returned buffer holds no uninitialised memory
+            scalar_t* rest = kept.data_ptr<scalar_t>() + Nk * v0 + (r0 + nbp) * vt;
+            std::fill(rest, rest + (Nk - r0 - nbp) * vt, scalar_t(0));
+          }
           // the mapped logits f go to the tile buffer (in place unless z is the kept buffer)
           const acc_t* za = tile_as_acc<scalar_t, acc_t>(z, zacc, nb * vt);
           acc_t* fa = zacc.data_ptr<acc_t>();
@@ -410,6 +416,7 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
 }  // namespace
 
 std::string cpu_fp32_gemm() { return Gemm(at::kFloat).onednn ? "onednn" : "mkl"; }
+bool cpu_onednn_available() { return onednn_available(); }
 
 namespace {
 // out = a @ b through the kernels' tile GEMM (Gemm: oneDNN for fp32 and bf16 where available),

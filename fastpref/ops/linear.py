@@ -1,4 +1,4 @@
-"""``nn.Linear`` on the CPU in float32 through oneDNN, the fused ops' GEMM library.
+"""``nn.Linear`` on the CPU in float32 through oneDNN, where it is the fused ops' GEMM library.
 
 ATen's fp32 ``F.linear`` is MKL's sgemm, which takes its AVX2 kernels on AMD processors: the
 backbone's linear layers ran at 173-180 GFLOP/s in the DPO step on the 2-core Zen 5 we measure
@@ -14,8 +14,12 @@ work. The padded rows' outputs are dropped and their gradients are zero, so they
 ``grad_W``. Still full fp32 (no bf16 or tf32 shortcuts): only the summation order differs from
 MKL's, a rounding change of a few fp32 ulps per dot product (tests/test_onednn_linear.py).
 
-Other dtypes, non-CPU tensors, CPU autocast, a build without the extension or oneDNN, and
-``FASTPREF_LINEAR=aten`` take plain ``F.linear``.
+The layers follow the fused ops' choice of fp32 library (``fastpref._C.cpu_fp32_gemm()``,
+``csrc/include/fastpref/cpu_gemm.h``): oneDNN except on Intel processors, where MKL runs its
+AVX-512 kernels and is the faster one (routing there made the DPO training step and MiniLM's
+fwd+bwd 10% slower: 0.90x / 0.91x, bench/README.md), so nothing is routed unless
+``FASTPREF_CPU_GEMM=onednn`` asks for oneDNN. Other dtypes, non-CPU tensors, CPU autocast, a
+build without the extension or oneDNN, and ``FASTPREF_LINEAR=aten`` take plain ``F.linear``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastpref.ops._native import native_available
+from fastpref.ops import _native
 
 ROW_PAD = 64  # rows are padded to a multiple of this (the bound on oneDNN's primitive cache)
 
@@ -36,11 +40,14 @@ shapes_seen: set[tuple[int, int, int]] = set()
 
 
 def onednn_linear_enabled() -> bool:
-    """False under ``FASTPREF_LINEAR=aten``, or without the extension or oneDNN."""
+    """True where the fused ops' fp32 GEMMs run in oneDNN (``FASTPREF_CPU_GEMM``, the CPU's
+    vendor); False under ``FASTPREF_LINEAR=aten`` or without the extension or oneDNN."""
     choice = os.environ.get("FASTPREF_LINEAR", "")
     if choice not in ("", "onednn", "aten"):
         raise ValueError(f"FASTPREF_LINEAR must be 'onednn' or 'aten' (or unset), got {choice!r}")
-    return choice != "aten" and native_available() and torch.backends.mkldnn.is_available()
+    if choice == "aten" or not _native.native_available():
+        return False
+    return torch.backends.mkldnn.is_available() and _native._C.cpu_fp32_gemm() == "onednn"
 
 
 def _padded(x2: Tensor, rows: int) -> Tensor:
@@ -137,7 +144,8 @@ class OneDNNLinear(nn.Linear):
 
 def use_onednn_linears(module: nn.Module) -> int:
     """Route every ``nn.Linear`` of ``module`` through ``linear``; returns how many were routed
-    (0 under ``FASTPREF_LINEAR=aten`` or without oneDNN).
+    (0 where ``onednn_linear_enabled()`` is False: ``FASTPREF_LINEAR=aten``, an Intel processor
+    without ``FASTPREF_CPU_GEMM=onednn``, no oneDNN).
 
     The layers keep their objects, parameters, state_dict keys and hooks (DeepSpeed's ZeRO
     hooks, ``save_pretrained``); only their class becomes ``OneDNNLinear``, a subclass, so

@@ -6,7 +6,12 @@
 #include <ATen/ATen.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 // ATen's oneDNN matmul (result = beta * result + alpha * mat1 @ mat2 on strided tensors). It is
 // exported by libtorch_cpu but has no installed header, so it is declared here, weak: against a
@@ -18,12 +23,39 @@ __attribute__((weak)) void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2,
 
 namespace fastpref {
 
+// True when this torch exports oneDNN's matmul and was built with oneDNN.
+inline bool onednn_available() {
+  return &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN();
+}
+
+// True on an Intel processor (CPUID vendor "GenuineIntel"), read once.
+inline bool intel_cpu() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool intel = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid(0, &a, &b, &c, &d) == 0) return false;
+    char vendor[13];
+    std::memcpy(vendor, &b, 4);
+    std::memcpy(vendor + 4, &d, 4);
+    std::memcpy(vendor + 8, &c, 4);
+    vendor[12] = '\0';
+    return std::strcmp(vendor, "GenuineIntel") == 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
+
 // Which library runs the fp32 tile GEMMs. ATen's fp32 mm is MKL's sgemm, and MKL takes its
 // AVX2 kernels on AMD processors: 190-215 GFLOP/s on the 2-core Zen 5 we measure on, against
 // 370-450 GFLOP/s for oneDNN's AVX-512 brgemm on the same tiles, in full fp32 (no bf16 or
-// tf32 shortcuts). bf16 mm already goes to oneDNN inside ATen; float64 stays with MKL.
-// FASTPREF_CPU_GEMM=mkl forces ATen's mm for fp32 too, =onednn insists on oneDNN (unset: oneDNN
-// where available); read once per kernel call.
+// tf32 shortcuts). On Intel processors MKL runs its AVX-512 kernels and is the faster of the
+// two (2-core Xeon with AMX, 2048^3: MKL 206 against oneDNN 182 GFLOP/s; the backbone's shapes
+// 185-204 against 158-171; bench/README.md), so there fp32 stays with ATen's mm. bf16 mm goes
+// to oneDNN inside ATen either way; float64 stays with MKL.
+// FASTPREF_CPU_GEMM=mkl forces ATen's mm for fp32, =onednn insists on oneDNN (unset: oneDNN
+// where available, except on Intel processors); read once per kernel call.
 struct Gemm {
   bool onednn;
   int64_t pad;  // rows of the last row block are padded to a multiple of this (see rows_for)
@@ -32,11 +64,12 @@ struct Gemm {
     const std::string choice = env == nullptr ? "" : env;
     TORCH_CHECK(choice.empty() || choice == "mkl" || choice == "onednn",
                 "FASTPREF_CPU_GEMM must be 'onednn' or 'mkl' (or unset), got '", choice, "'");
-    const bool available = &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN();
+    const bool available = onednn_available();
     TORCH_CHECK(choice != "onednn" || available,
                 "FASTPREF_CPU_GEMM=onednn, but this torch exports no at::native::mkldnn_matmul "
                 "(or was built without oneDNN); unset it to use ATen's mm");
-    onednn = dtype == at::kFloat && choice != "mkl" && available;
+    const bool wanted = choice == "onednn" || (choice.empty() && !intel_cpu());
+    onednn = dtype == at::kFloat && wanted && available;
     // oneDNN builds and caches a primitive (~1 MB) for every GEMM shape it meets, and the rows
     // of the last row block change with every batch: new shapes every batch would grow the
     // cache by 2-3 MB a step. Padded with zero rows to a multiple of 64, a run meets a handful of

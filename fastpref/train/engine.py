@@ -161,10 +161,7 @@ class ClippedAdamW(torch.optim.AdamW):
         if coef < 1.0:
             torch._foreach_mul_(grads, coef)
         m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        kw = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-                  weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
-                  maximize=False)  # fmt: skip
-        torch._fused_adamw_(masters, grads, m, v, [], steps, **kw)
+        torch._fused_adamw_(masters, grads, m, v, [], steps, **_fused_kw(group))
         torch._foreach_copy_(params, masters)
 
     def _dense_step(self, closure, grads: list[torch.Tensor], coef: float):
@@ -211,14 +208,18 @@ class ClippedAdamW(torch.optim.AdamW):
             target = state.get("master", p)[r0:r1]  # a bf16 table steps its fp32 master's rows
             dense = target.new_zeros((r1 - r0, *p.shape[1:]))
             if hi > lo:
-                dense.index_copy_(0, rows[lo:hi] - r0, values[lo:hi].to(dense.dtype))
+                dense.index_copy_(0, rows[lo:hi] - r0, values[lo:hi])
             args = ([target], [dense], [m[r0:r1]], [v[r0:r1]], [], [state["step"]])
-            kw = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-                      weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
-                      maximize=False)  # fmt: skip
-            torch._fused_adamw_(*args, **kw)
-            if target.data_ptr() != p.data_ptr():
+            torch._fused_adamw_(*args, **_fused_kw(group))
+            if "master" in state:
                 p[r0:r1].copy_(target)
+
+
+def _fused_kw(group: dict) -> dict:
+    """``torch._fused_adamw_``'s hyperparameters from a param group."""
+    return dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+                maximize=False)  # fmt: skip
 
 
 def _low_precision(p: torch.Tensor) -> bool:

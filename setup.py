@@ -2,7 +2,9 @@
 
 The C++ CPU kernels are always built. The CUDA kernels (csrc/cuda/*.cu) are added when the
 installed torch is a CUDA build and nvcc is found; otherwise one line in the build log says
-they were skipped. Triton kernels live in kernels/ and install as `fastpref.kernels`.
+they were skipped. The Triton kernels are the subpackage fastpref/kernels/ (`fastpref.kernels`);
+they once lived in a top-level kernels/, which shadowed Hugging Face's `kernels` package (a
+dependency of transformers >= 5.25) for any Python started in the checkout.
 """
 
 import glob
@@ -84,8 +86,7 @@ def torch_version() -> str:
 
 
 setup(
-    packages=find_packages(include=["fastpref", "fastpref.*"]) + ["fastpref.kernels"],
-    package_dir={"fastpref.kernels": "kernels"},
+    packages=find_packages(include=["fastpref", "fastpref.*"]),
     package_data={"fastpref": ["assets/**/*"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -1,4 +1,5 @@
-"""The Triton listwise kernels (kernels/listwise.py), checked on CPU tensors, TRITON_INTERPRET=1.
+"""The Triton listwise kernels (fastpref/kernels/listwise.py), checked on CPU tensors,
+TRITON_INTERPRET=1.
 
 TRITON_INTERPRET must be set before triton is first imported, and setting it in this process
 would change triton for every other test module, so the cases in _listwise_triton_cases.py run

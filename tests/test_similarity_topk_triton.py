@@ -1,4 +1,5 @@
-"""The Triton similarity_topk kernel (kernels/similarity_topk.py) under TRITON_INTERPRET=1 on CPU.
+"""The Triton similarity_topk kernel (fastpref/kernels/similarity_topk.py) under
+TRITON_INTERPRET=1 on CPU.
 
 ``triton.jit`` decides at decoration time whether a kernel is compiled or interpreted, so the
 cases run in ONE subprocess started with ``TRITON_INTERPRET=1`` (this file run as a script); the
@@ -46,10 +47,9 @@ def _inputs(dtype, seed=0):
 
 def _worker(out_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run the worker with TRITON_INTERPRET=1"
+    import fastpref
     from fastpref.kernels import similarity_topk as K
     from fastpref.kernels.similarity_topk import similarity_topk_keys
-
-    import fastpref
     from fastpref.ops._similarity_topk_chunked import pack_keys
 
     calls = []  # proof that the op reached the launcher rather than a fallback
@@ -78,9 +78,10 @@ def _worker(out_path: str) -> None:
 def _compile_worker() -> None:
     assert os.environ.get("TRITON_INTERPRET", "0") == "0", "compile without TRITON_INTERPRET"
     import triton
-    from fastpref.kernels import similarity_topk as K
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from fastpref.kernels import similarity_topk as K
 
     fn = K._similarity_topk_keys_kernel
     consts = dict(HAS_SCALE=True, BLOCK_B=64, BLOCK_M=64, BLOCK_D=32, PRECISION="tf32")

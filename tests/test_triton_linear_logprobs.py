@@ -1,4 +1,5 @@
-"""Triton linear log-probs kernels (kernels/linear_logprobs.py) under TRITON_INTERPRET=1 on CPU.
+"""Triton linear log-probs kernels (fastpref/kernels/linear_logprobs.py) under TRITON_INTERPRET=1
+on CPU.
 
 ``triton.jit`` decides at decoration time whether a kernel is compiled or interpreted, so the
 kernels are run in ONE subprocess started with ``TRITON_INTERPRET=1`` (this file run as a script,
@@ -31,8 +32,8 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the `triton` package (test extra)")
 
 SMALL = dict(block_n=16, block_v=16, block_d=16)  # tl.dot's minimum tile; fast in the interpreter
-# The two backward schemes (kernels/linear_logprobs.py docstring). chunk_bytes=1 makes the chunked
-# one take one BLOCK_V-wide vocabulary chunk at a time: several chunks, fp32 sum of dH.
+# The two backward schemes (fastpref/kernels/linear_logprobs.py docstring). chunk_bytes=1 makes
+# the chunked one take one BLOCK_V-wide vocabulary chunk at a time: several chunks, fp32 sum of dH.
 MODES = {"fused": dict(mode="fused"), "chunked": dict(mode="chunked", chunk_bytes=1)}
 
 # Slack on top of the reference-in-dtype error, relative to max(1, largest true value): fp32 is
@@ -254,9 +255,8 @@ def _public_inputs() -> dict:
 
 
 def _public_op_run() -> dict:
-    from fastpref.kernels import linear_logprobs as K
-
     import fastpref
+    from fastpref.kernels import linear_logprobs as K
 
     calls = []  # proof that the op reached these launchers rather than a fallback
     for name in ("linear_logprobs_fwd", "linear_logprobs_bwd"):
@@ -315,9 +315,10 @@ GPU_BUILDS = [
 def _compile_worker() -> None:
     assert os.environ.get("TRITON_INTERPRET", "0") == "0", "compile without TRITON_INTERPRET"
     import triton
-    from fastpref.kernels import linear_logprobs as K
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from fastpref.kernels import linear_logprobs as K
 
     for name, dtype, consts in GPU_BUILDS:
         fn = getattr(K, f"_linear_logprobs_{name}_kernel")

@@ -27,7 +27,7 @@ zero gradient. Gradients flow to ``scores`` only.
 
 Backends: ``reference`` (plain PyTorch, materialises B×K×K: the ground truth), ``chunked`` (the
 reference on row blocks, bounded memory), ``cpu`` (C++, csrc/cpu/listwise.cpp), ``cuda``
-(csrc/cuda/listwise.cu, K ≤ ``CUDA_MAX_K``), ``triton`` (kernels/listwise.py). The fused
+(csrc/cuda/listwise.cu, K ≤ ``CUDA_MAX_K``), ``triton`` (fastpref/kernels/listwise.py). The fused
 backends compute the loss and d loss/d scores in one pass and save that [B, K] gradient for
 backward: the pair loop is O(K²) transcendental work, so recomputing it would double the cost,
 while the saved gradient is no bigger than ``scores`` itself.

@@ -25,6 +25,7 @@ which is how the test suite verifies them.
 from __future__ import annotations
 
 import torch
+
 from fastpref.kernels.linear_logprobs_bwd_chunked import (
     _linear_logprobs_bwd_dlogits_kernel,
     linear_logprobs_bwd_chunked,

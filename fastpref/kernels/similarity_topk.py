@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastpref.kernels.linear_logprobs_common import DTYPES, block, on_inputs_device, precision
 
 # fmt: off

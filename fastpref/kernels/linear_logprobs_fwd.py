@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastpref.kernels.linear_logprobs_common import (
     block,
     check_inputs,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastpref.kernels.linear_logprobs_common import (
     block,
     grad_raw_logits,

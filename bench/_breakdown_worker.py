@@ -35,7 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from _common import peak_rss_mb
+from _common import peak_rss_mb, require_native
 from torch.autograd.profiler import record_function
 
 # Rows of the breakdown, in table order. The reference rows come from the precompute.
@@ -339,6 +339,7 @@ def gemm_rates(vocab: int, rows: int, backbone_rows: int = 0, reps: int = 5) -> 
 
 
 def main() -> int:
+    require_native()
     args = sys.argv[1:]
     sep = args.index("--")
     out, opts, argv = Path(args[0]), args[1:sep], args[sep + 1 :]

@@ -132,6 +132,21 @@ def python_worker(script: str, *args: str) -> list[str]:
     return [sys.executable, str(BENCH_DIR / script), *args]
 
 
+def require_native() -> None:
+    """Stop a fastpref worker whose C++ kernels are not built.
+
+    The trainer's default dispatch falls back to the chunked PyTorch ops with one warning when
+    ``fastpref._C`` is missing; a benchmark of fastpref would then time the fallback and report
+    it as the kernels (a fresh checkout without ``pip install -e .`` did exactly that once).
+    """
+    try:
+        import fastpref._C  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(
+            f"bench: fastpref._C is not built ({exc}); run `pip install --no-build-isolation -e .`"
+        ) from exc
+
+
 def peak_rss_mb() -> float:
     """High-water mark of this process's resident set since it started (VmHWM), in MiB.
 

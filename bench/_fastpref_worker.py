@@ -14,10 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from _common import peak_rss_mb
+from _common import peak_rss_mb, require_native
 
 
 def main() -> int:
+    require_native()
     out, sep, *argv = sys.argv[1:]
     assert sep == "--", "usage: _fastpref_worker.py RESULT.json -- <fastpref-train flags>"
     result: dict[str, object] = {"precompute_s": [], "precompute_cpu_s": []}

@@ -21,7 +21,7 @@ from itertools import product
 from pathlib import Path
 
 import torch
-from _common import peak_rss_mb
+from _common import peak_rss_mb, require_native
 from torch import nn
 
 
@@ -64,6 +64,7 @@ def ranking_loss(logits, rank_labels, source_lens, id_tokens):
 
 
 def main() -> int:
+    require_native()
     batch_path, model_dir, out, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     from transformers import AutoModelForCausalLM
 

@@ -232,6 +232,16 @@ def test_missing_native_build_falls_back_to_chunked_with_one_warning(monkeypatch
         fastpref.linear_logprobs(h, w, t)  # one warning per process, not per call
 
 
+def test_explicit_backend_that_is_not_built_is_an_error(monkeypatch):
+    monkeypatch.delenv("FASTPREF_BACKEND", raising=False)
+    monkeypatch.setattr(_dispatch, "native_available", lambda: False)
+    monkeypatch.setattr(_dispatch, "NATIVE_ERROR", "fastpref._C could not be imported (test)")
+    h, w, t = small()
+    want = r"backend='cpu' is not available: .*could not be imported"
+    with pytest.raises(RuntimeError, match=want):
+        fastpref.linear_logprobs(h, w, t, backend="cpu")
+
+
 def _fwd_bwd_cpu(h, w, t, b):
     """logp and entropy of the C++ kernel and the gradients of a mix of both."""
     h, w, b = (x.detach().clone().requires_grad_(True) for x in (h, w, b))

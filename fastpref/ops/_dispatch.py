@@ -51,10 +51,13 @@ def select_backend(
     (backend name -> implementation) and then calls ``BACKENDS[name]``. An explicit ``requested``
     backend the op does not implement is an error; one set through ``FASTPREF_BACKEND`` that the
     op lacks is ignored with a warning (the variable applies to every op, not all of which have
-    every backend).
+    every backend). An explicit ``requested`` backend that is implemented but not usable here
+    (the native build missing, no GPU) is an error too; a default or ``FASTPREF_BACKEND`` choice
+    falls back to the chunked backend with one warning.
     """
     supported = tuple(supported)
     from_env = False
+    explicit = requested is not None
     if requested is None:
         requested = os.environ.get(ENV_VAR) or None
         from_env = requested is not None
@@ -80,6 +83,10 @@ def select_backend(
         if requested not in supported:
             requested = "chunked"
     reason = _unavailable_reason(requested, device)
+    if reason is not None and explicit:
+        # a caller who named the backend gets it or an error: a benchmark or a test that asked
+        # for the C++ kernel must not time or check the chunked one under a warning
+        raise RuntimeError(f"{op}: backend={requested!r} is not available: {reason}")
     if reason is not None:
         warn_once(
             f"{op}:{requested}:{reason}",

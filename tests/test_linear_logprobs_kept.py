@@ -218,3 +218,44 @@ def test_the_trainers_adapter_takes_the_three_gemm_path(spy, monkeypatch):
     logps.sum().backward()
     assert spy == [True]
     assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_recycled_large_buffers_are_fully_rewritten(monkeypatch):
+    """The kernel's large buffers (kept logits, dW) are recycled from call to call (a fresh one
+    costs a page fault per page on first touch). A recycled block must never leak old values:
+    two blocks are filled with NaN and handed back, and the next call, which takes them for its
+    kept logits and its dW, must still match the recompute path and the reference. Sizes: N 60
+    (a padded row block of 64 kept rows), D 64 and V 16400 make the kept [64 x V] and dW [V x 64]
+    fp32 buffers 4.2 MB each, above the 4 MiB where the pool starts."""
+    release = fastpref.ops.release_kernel_buffers
+    release()
+    monkeypatch.delenv(LOGITS_BUDGET_ENV, raising=False)
+    N, D, V = 60, 64, 16400
+    h, w, b, t, up = inputs(N, D, V, seed=3)
+    h, w, t, up = h.float(), w.float(), t, up.float()
+
+    def grads():
+        x = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+        logp = fastpref.linear_logprobs(*x, t, backend="cpu")
+        return [logp.detach(), *torch.autograd.grad((up * logp).sum(), x)]
+
+    held = [grads()[2], grads()[2]]  # two dW blocks alive at once: two distinct pool blocks
+    assert all(d.data_ptr() % (2 << 20) == 0 for d in held)  # they are the pool's 2 MiB blocks
+    for d in held:
+        d.fill_(float("nan"))
+    del d
+    held.clear()  # both poisoned blocks back in the pool
+    kept = grads()  # takes one for the kept logits, the other for dW
+    monkeypatch.setenv(LOGITS_BUDGET_ENV, "0")
+    recomputed = grads()
+    ref = [linear_logprobs_reference(h.double(), w.double(), t)]
+    x = [h.double().requires_grad_(), w.double().requires_grad_()]
+    ref += torch.autograd.grad((up.double() * linear_logprobs_reference(*x, t)).sum(), x)
+    for name, a, c, r in zip(("logp", "dH", "dW"), kept, recomputed, ref, strict=True):
+        assert torch.isfinite(a).all(), name
+        assert torch.equal(a, c), name
+        scale = max(r.abs().max().item(), 1.0)
+        assert (a.double() - r).abs().max().item() / scale <= TOL[torch.float32] * 10, name
+    del kept, recomputed, a, c  # the loop's names hold the last (dW) tensors
+    assert release() >= 2 * 4_194_304  # the freed blocks went back to the pool, and now out
+    assert release() == 0

@@ -54,7 +54,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
@@ -128,24 +130,109 @@ struct KeptLogits {
 };
 
 // A large output buffer (the kept logits, dW) on transparent huge pages where the kernel allows
-// them by madvise: a fresh 4 KiB-paged buffer costs one page fault per 4 KiB on first touch
-// (measured: ~30 ms for the 130 MB of kept fp32 logits at N 1015, V 32000, ~125 ms at V 128256,
-// on a 2-core Zen 5), and 2 MiB pages take ~5x less, and fewer TLB misses when read back. Small
+// them by madvise, recycled from call to call. A fresh buffer pays for every page on first touch:
+// one fault per 4 KiB page (measured: ~30 ms for the 130 MB of kept fp32 logits at N 1015,
+// V 32000, ~125 ms at V 128256, on a 2-core Zen 5), 2 MiB pages ~5x less there -- but on the
+// 2-core Zen 4 VM the first touch of a fresh 501 MiB THP buffer took 0.29-0.35 s against 0.022 s
+// to rewrite it (the hypervisor backs each new page), more than the GEMM the kept logits save.
+// So a freed buffer goes back to a small pool (LargePool) and the next call of a similar size
+// takes it, already resident: a training step allocates the same few sizes every step. Small
 // buffers, or other systems, get at::empty.
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+class LargePool {
+ public:
+  static constexpr size_t kHuge = size_t(2) << 20;
+  static constexpr size_t kMaxFree = 4;                 // free blocks kept
+  static constexpr size_t kMaxFreeBytes = size_t(2) << 30;  // and their total
+  // A block of at least `bytes` (rounded to 2 MiB): the smallest free one that is no more than
+  // 1.5x the request, else a new one; nullptr if the allocation fails. `*size` is its size.
+  static void* take(size_t bytes, size_t* size) {
+    const size_t want = (bytes + kHuge - 1) / kHuge * kHuge;
+    {
+      std::lock_guard<std::mutex> lock(mutex());
+      auto& free = blocks();
+      auto best = free.end();
+      for (auto it = free.begin(); it != free.end(); ++it) {
+        if (it->second >= want && it->second <= want + want / 2 &&
+            (best == free.end() || it->second < best->second)) {
+          best = it;
+        }
+      }
+      if (best != free.end()) {
+        void* p = best->first;
+        *size = best->second;
+        free.erase(best);
+        return p;
+      }
+    }
+    void* p = nullptr;
+    if (posix_memalign(&p, kHuge, want) != 0) return nullptr;
+    madvise(p, want, MADV_HUGEPAGE);  // advice only: on failure the pages stay 4 KiB
+    *size = want;
+    return p;
+  }
+  // Returns a block: kept for reuse while the pool is under its bounds, else freed (the oldest
+  // free block gives way to a new one, so a run whose sizes change keeps its recent ones).
+  static void give(void* p, size_t size) {
+    std::lock_guard<std::mutex> lock(mutex());
+    auto& free = blocks();
+    if (size > kMaxFreeBytes) {
+      std::free(p);
+      return;
+    }
+    free.emplace_back(p, size);
+    size_t total = 0;
+    for (const auto& b : free) total += b.second;
+    while (free.size() > kMaxFree || total > kMaxFreeBytes) {
+      total -= free.front().second;
+      std::free(free.front().first);
+      free.erase(free.begin());
+    }
+  }
+  // Frees every pooled block (the memory goes back to the system); returns the bytes freed.
+  static int64_t release() {
+    std::lock_guard<std::mutex> lock(mutex());
+    int64_t bytes = 0;
+    for (const auto& b : blocks()) {
+      bytes += static_cast<int64_t>(b.second);
+      std::free(b.first);
+    }
+    blocks().clear();
+    return bytes;
+  }
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::vector<std::pair<void*, size_t>>& blocks() {
+    static auto* b = new std::vector<std::pair<void*, size_t>>();  // never destroyed: a tensor
+    return *b;                                                     // may die after main's exit
+  }
+};
+#endif
+
 at::Tensor empty_large(int64_t numel, const at::TensorOptions& opts) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHuge = size_t(2) << 20;
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(opts.dtype().toScalarType());
-  if (bytes >= 2 * kHuge) {
-    void* p = nullptr;
-    const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
-    if (posix_memalign(&p, kHuge, size) == 0) {
-      madvise(p, size, MADV_HUGEPAGE);  // advice only: on failure the pages stay 4 KiB
-      return at::from_blob(p, {numel}, [](void* q) { std::free(q); }, opts);
+  if (bytes >= 2 * LargePool::kHuge) {
+    size_t size = 0;
+    if (void* p = LargePool::take(bytes, &size)) {
+      return at::from_blob(
+          p, {numel}, [size](void* q) { LargePool::give(q, size); }, opts);
     }
   }
 #endif
   return at::empty({numel}, opts);
+}
+
+int64_t release_large_buffers() {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  return LargePool::release();
+#else
+  return 0;
+#endif
 }
 
 struct Plan {
@@ -555,6 +642,8 @@ TORCH_LIBRARY_FRAGMENT(fastpref_C, m) {
       "float temperature, float softcap, bool need_hidden, bool need_weight, bool need_bias, "
       "bool check_targets=True, Tensor? logits=None) -> (Tensor?, Tensor?, Tensor?)");
   m.def("cpu_mm(Tensor a, Tensor b, Tensor(a!) out) -> ()");
+  // frees the pooled large buffers of the kernels (empty_large), returns the bytes given back
+  m.def("release_large_buffers() -> int", &fastpref::release_large_buffers);
 }
 
 TORCH_LIBRARY_IMPL(fastpref_C, CPU, m) {

@@ -33,3 +33,17 @@ def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def release_kernel_buffers() -> int:
+    """Give the C++ kernels' recycled large buffers back to the system; returns their bytes.
+
+    The CPU kernels keep up to 4 freed buffers of >= 4 MiB (the kept logits and dW of
+    ``linear_logprobs``, at most 2 GiB together) for their next call, which would otherwise pay a
+    page fault for every page of a fresh one. Call this when no more such calls follow (the
+    trainer does before its final save)."""
+    if _C is None:
+        return 0
+    import torch
+
+    return int(torch.ops.fastpref_C.release_large_buffers())

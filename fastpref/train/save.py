@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from fastpref.errors import TrainingError
+from fastpref.ops import release_kernel_buffers
 from fastpref.train.runlog import RunLog, plot_curves
 
 __all__ = ["save_final"]
@@ -26,6 +27,7 @@ def save_final(
         # Training is over: the moments (2x the model) go before saving reads every weight and
         # the plot loads matplotlib, so the run's last acts do not set its peak memory.
         engine.optimizer.state.clear()
+    release_kernel_buffers()  # the kernels' recycled kept-logits and dW buffers, likewise
     final_dir, partial = out_dir / "model", out_dir / "model.partial"
     state = None
     if cfg.zero_stage == 3:

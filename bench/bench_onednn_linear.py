@@ -12,11 +12,18 @@ The model is routed once (``use_onednn_linears``) and ``FASTPREF_LINEAR`` toggle
 call (``aten``: plain ``F.linear``), so both sides run the same weights in the same process;
 the two alternate repeat by repeat after a warm-up of each. Reported: median and min seconds per
 step, the ratio of medians, and the number of padded GEMM shapes oneDNN met.
+
+A second test times the same DPO step with the packed rows lengthened so that ``rows x L`` is a
+multiple of ``ROW_PAD`` (``PolicyLogps.row_multiple``, what the trainer does where the linears
+are routed) against rows left as packed (``row_multiple = 1``: every linear then copies its
+input and its gradient into a padded buffer), both through oneDNN, interleaved.
+Results: ``results/onednn_linear_rows*``.
 ``FASTPREF_CPU_GEMM=onednn`` is set for the run (unset, an Intel processor keeps fp32 on MKL and
 routes nothing). Results: ``results/onednn_linear.*``, ``results/onednn_linear_intel.*`` on an
 Intel processor.
 
     flock /tmp/fastpref-bench.lock pytest bench/bench_onednn_linear.py -q -s
+    flock /tmp/fastpref-bench.lock pytest bench/bench_onednn_linear.py -q -s -k rows
     FASTPREF_BENCH_QUICK=1 pytest bench/bench_onednn_linear.py -q -s   # smoke test
 """
 
@@ -155,3 +162,43 @@ def test_onednn_linear_steps():
         write_json(out / f"{NAME}.json", {**info, "repeats": REPEATS, "rows": rows})
     for r in rows:
         assert r["linears_routed"] > 0 and r["padded_shapes"] > 0
+
+
+def test_packed_rows_aligned_to_the_linear_padding():
+    load_before = loadavg()
+    policy, step = _dpo_case()
+    os.environ["FASTPREF_CPU_GEMM"] = "onednn"
+    use_onednn_linears(policy)
+    times = {1: [], fl.ROW_PAD: []}
+    try:
+        for multiple in list(times) * 2:  # warm-up
+            policy.row_multiple = multiple
+            step()
+        for _ in range(REPEATS):
+            for multiple in times:
+                policy.row_multiple = multiple
+                t0 = time.perf_counter()
+                step()
+                times[multiple].append(time.perf_counter() - t0)
+    finally:
+        os.environ.pop("FASTPREF_CPU_GEMM", None)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    ratio = med[fl.ROW_PAD] / med[1]
+    table = "\n".join([
+        "| case | rows as packed s median (min) | rows x L a multiple of 64 s median (min) "
+        "| aligned / as packed |",
+        "|---|---:|---:|---:|",
+        f"| DPO step, tiny Llama, V=32000, oneDNN linears | {med[1]:.4f} ({min(times[1]):.4f}) "
+        f"| {med[fl.ROW_PAD]:.4f} ({min(times[fl.ROW_PAD]):.4f}) | {ratio:.3f}x |",
+    ])  # fmt: skip
+    print("\n" + table)
+    info = {"hardware": hardware(), "load_before": load_before, "load_after": loadavg()}
+    print(info)
+    if not QUICK:
+        out = BENCH_DIR / "results"
+        (out / f"{NAME.replace('linear', 'linear_rows')}.md").write_text(table + "\n")
+        write_json(
+            out / f"{NAME.replace('linear', 'linear_rows')}.json",
+            {**info, "repeats": REPEATS, "times": {str(k): v for k, v in times.items()}},
+        )
+    assert all(len(t) == REPEATS for t in times.values())

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastpref.models import PolicyLogps
 from fastpref.models.causal_lm import IGNORE_INDEX
-from fastpref.models.packing import pack_rows, packing_supported
+from fastpref.models.packing import _aligned_length, pack_rows, packing_supported
 
 V = 97
 
@@ -117,6 +117,46 @@ def test_labels_with_gaps_after_the_prompt():
     ids, mask, labels = _pairs()
     labels[0, 6] = IGNORE_INDEX  # an unscored token inside a completion
     _compare(_llama(), ids, mask, labels)
+
+
+@pytest.mark.parametrize(
+    ("rows", "length", "multiple", "want"),
+    [
+        (8, 199, 64, 200),  # 8 x 200 = 1600 = 25 x 64, 8 extra slots
+        (1, 45, 64, 64),  # 19 extra
+        (2, 33, 64, 64),  # 62 extra: still fewer than 64
+        (16, 5, 64, 8),  # 48 extra
+        (3, 100, 64, 100),  # 3 x 128 would add 84 slots, more than the linears' own padding
+        (8, 200, 64, 200),  # already a multiple
+        (5, 17, 1, 17),  # no alignment asked
+    ],
+)
+def test_aligned_length(rows, length, multiple, want):
+    assert _aligned_length(rows, length, multiple) == want
+
+
+def test_rows_lengthened_to_a_multiple_score_the_same():
+    """``row_multiple`` only appends padding slots: the same tokens, positions and scores."""
+    ids, mask, labels = _pairs()
+    plain = pack_rows(ids, mask, labels)
+    aligned = pack_rows(ids, mask, labels, row_multiple=64)
+    rows, L = aligned.input_ids.shape
+    w = plain.input_ids.shape[1]
+    assert rows == plain.input_ids.shape[0] and (rows * L) % 64 == 0 and L > w
+    assert torch.equal(aligned.input_ids[:, :w], plain.input_ids)
+    assert torch.equal(aligned.position_ids[:, :w], plain.position_ids)
+    assert torch.equal(aligned.mask[..., :w, :w], plain.mask)
+    assert torch.equal(aligned.targets, plain.targets)
+    # the flat source index follows the longer rows
+    assert torch.equal(aligned.source // L * w + aligned.source % L, plain.source)
+    model = _llama()
+    scorer = PolicyLogps(model)
+    with torch.no_grad():
+        got = []
+        for multiple in (1, 64):
+            scorer.row_multiple = multiple
+            got.append(scorer(ids, mask, labels)[0])
+    torch.testing.assert_close(got[1], got[0], atol=2e-5, rtol=1e-6)
 
 
 def test_left_padding_falls_back_to_the_padded_batch():

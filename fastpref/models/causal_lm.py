@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from fastpref.constants import IGNORE_INDEX
 from fastpref.models.packing import pack_rows, packing_supported
 from fastpref.ops import sequence_logprobs
+from fastpref.ops.linear import ROW_PAD, onednn_linear_enabled
 from fastpref.ops.linear_logprobs import check_labels, run_logprobs
 
 __all__ = ["LMHead", "PolicyLogps", "backbone", "lm_head"]
@@ -67,6 +68,8 @@ class PolicyLogps(nn.Module):
         super().__init__()
         self.model = model
         self.packing = packing and packing_supported(model, backbone(model))
+        # rows x L a multiple of the padding the oneDNN linears would otherwise copy to
+        self.row_multiple = ROW_PAD if onednn_linear_enabled() else 1
         if zero_stage == 3:
             import deepspeed
 
@@ -82,7 +85,11 @@ class PolicyLogps(nn.Module):
         head = lm_head(self.model)
         if self.packing:  # name a bad label by its (row, position) before packing moves it
             check_labels(labels, head.weight.shape[0], IGNORE_INDEX, "PolicyLogps")
-        packed = pack_rows(input_ids, attention_mask, labels) if self.packing else None
+        packed = (
+            pack_rows(input_ids, attention_mask, labels, row_multiple=self.row_multiple)
+            if self.packing
+            else None
+        )
         if packed is None:
             hidden = backbone(self.model)(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False

@@ -51,11 +51,14 @@ def onednn_linear_enabled() -> bool:
 
 
 def _padded(x2: Tensor, rows: int) -> Tensor:
-    """``x2`` ``[N, D]`` with zero rows appended up to ``rows`` (contiguous)."""
-    if rows == x2.shape[0]:
+    """``x2`` ``[N, D]`` with zero rows appended up to ``rows`` (contiguous); only the
+    appended rows are zeroed (a full zero fill of the fresh buffer cost more than the copy)."""
+    N = x2.shape[0]
+    if rows == N:
         return x2.contiguous()
-    out = x2.new_zeros(rows, x2.shape[1])
-    out[: x2.shape[0]].copy_(x2)
+    out = x2.new_empty(rows, x2.shape[1])
+    out[:N].copy_(x2)
+    out[N:].zero_()
     return out
 
 
@@ -131,7 +134,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if not routed:
         return F.linear(x, weight, bias)
     N = x.numel() // x.shape[-1]
-    return _OneDNNLinear.apply(x, weight, bias)[:N].view(*x.shape[:-1], weight.shape[0])
+    y = _OneDNNLinear.apply(x, weight, bias)
+    if y.shape[0] != N:  # a slice's backward writes the incoming gradient into a zeroed copy
+        y = y[:N]
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class OneDNNLinear(nn.Linear):

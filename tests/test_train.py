@@ -372,13 +372,17 @@ def test_clipped_adamw_equals_clip_then_adamw(fused, max_norm):
     assert not hasattr(ours, "grad_scale")  # nothing left behind for the next step
 
 
+@pytest.mark.parametrize("chunk", [None, 8])
 @pytest.mark.parametrize("max_norm", [0.05, 0.0])
-def test_clipped_adamw_bf16_steps_float32_masters(max_norm):
+def test_clipped_adamw_bf16_steps_float32_masters(max_norm, chunk, monkeypatch):
     """A bf16 parameter steps like AdamW on a float32 copy fed the widened bf16 gradients, and
     is that copy rounded; the masters and moments survive a state_dict round trip in float32
-    (torch would cast them to bf16), so a resumed run continues exactly."""
+    (torch would cast them to bf16), so a resumed run continues exactly. ``chunk=8``: the 35-
+    element parameter is stepped in chunks of 8 (the last one 3), the 5-element one whole."""
     from fastpref.train.engine import ClippedAdamW
 
+    if chunk is not None:
+        monkeypatch.setattr(ClippedAdamW, "MASTER_CHUNK", chunk)
     torch.manual_seed(0)
     shapes = [(7, 5), (5,)]
     low = [torch.randn(s).bfloat16().requires_grad_(True) for s in shapes]

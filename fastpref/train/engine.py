@@ -33,6 +33,13 @@ __all__ = [
 ]
 
 
+def _chunkable(p: torch.Tensor, state: dict) -> bool:
+    """A low-precision parameter big enough to be stepped by chunks, with every tensor of its
+    update contiguous (so a flat view of each lines up with the others)."""
+    tensors = (p, p.grad, state["master"], state["exp_avg"], state["exp_avg_sq"])
+    return p.numel() > ClippedAdamW.MASTER_CHUNK and all(t.is_contiguous() for t in tensors)
+
+
 class ClippedAdamW(torch.optim.AdamW):
     """AdamW that clips by the global gradient norm inside its own step, and takes row-sparse
     gradients (an ``nn.Embedding(sparse=True)``) without ever making them dense.
@@ -62,6 +69,7 @@ class ClippedAdamW(torch.optim.AdamW):
     """
 
     SPARSE_BLOCK = 1 << 20  # elements of one dense block of a sparse gradient (4 MiB fp32)
+    MASTER_CHUNK = 1 << 20  # elements of one chunk of a large low-precision parameter's step
 
     def __init__(self, params, *, max_grad_norm: float, **kwargs) -> None:
         self._untouched: dict[torch.Tensor, set[int]] = {}
@@ -156,12 +164,38 @@ class ClippedAdamW(torch.optim.AdamW):
             self._untouched.pop(p, None)
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1.0)
+        kw = _fused_kw(group)
+        # Large parameters (an lm_head or embedding) go by chunks: each chunk's gradient is
+        # widened into one reused float32 buffer, updated and rounded back while it is in cache,
+        # instead of widening the whole gradient into a fresh tensor (131 MB at vocab 128k,
+        # first-touched every step). The same elementwise update, so the same result.
+        whole = [(p, s) for p, s in zip(params, states, strict=True) if not _chunkable(p, s)]
+        buf = None
+        for p, s in zip(params, states, strict=True):
+            if not _chunkable(p, s):
+                continue
+            flat = [t.view(-1) for t in (p, p.grad, s["master"], s["exp_avg"], s["exp_avg_sq"])]
+            n = flat[0].numel()
+            if buf is None:
+                buf = torch.empty(self.MASTER_CHUNK, dtype=torch.float32, device=p.device)
+            for a in range(0, n, self.MASTER_CHUNK):
+                b = min(a + self.MASTER_CHUNK, n)
+                p_c, g_c, master_c, m_c, v_c = (t[a:b] for t in flat)
+                g32 = buf[: b - a].copy_(g_c)
+                if coef < 1.0:
+                    g32.mul_(coef)
+                torch._fused_adamw_([master_c], [g32], [m_c], [v_c], [], [s["step"]], **kw)
+                p_c.copy_(master_c)
+        if not whole:
+            return
+        params, states = [p for p, _ in whole], [s for _, s in whole]
+        steps = [s["step"] for s in states]
         masters = [s["master"] for s in states]
         grads = [p.grad.to(torch.float32) for p in params]
         if coef < 1.0:
             torch._foreach_mul_(grads, coef)
         m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        torch._fused_adamw_(masters, grads, m, v, [], steps, **_fused_kw(group))
+        torch._fused_adamw_(masters, grads, m, v, [], steps, **kw)
         torch._foreach_copy_(params, masters)
 
     def _dense_step(self, closure, grads: list[torch.Tensor], coef: float):

@@ -169,11 +169,11 @@ class ClippedAdamW(torch.optim.AdamW):
         # widened into one reused float32 buffer, updated and rounded back while it is in cache,
         # instead of widening the whole gradient into a fresh tensor (131 MB at vocab 128k,
         # first-touched every step). The same elementwise update, so the same result.
-        whole = [(p, s) for p, s in zip(params, states, strict=True) if not _chunkable(p, s)]
-        buf = None
+        chunked, whole = [], []
         for p, s in zip(params, states, strict=True):
-            if not _chunkable(p, s):
-                continue
+            (chunked if _chunkable(p, s) else whole).append((p, s))
+        buf = None
+        for p, s in chunked:
             flat = [t.view(-1) for t in (p, p.grad, s["master"], s["exp_avg"], s["exp_avg_sq"])]
             n = flat[0].numel()
             if buf is None:

@@ -54,12 +54,13 @@ def hardware() -> dict[str, object]:
     """The machine a result was measured on."""
     import torch
 
-    cpu = platform.processor() or "unknown"
+    cpu, family = platform.processor() or "unknown", "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == (platform.processor() or "unknown"):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("cpu family") and family == "unknown":
+                family = line.split(":", 1)[1].strip()  # AMD: 25 Zen 4, 26 Zen 5
     except OSError:
         pass
     try:
@@ -68,6 +69,7 @@ def hardware() -> dict[str, object]:
         mem_gb = float("nan")
     return {
         "cpu": cpu,
+        "cpu_family": family,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gb": round(mem_gb, 1),

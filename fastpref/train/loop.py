@@ -20,6 +20,7 @@ import torch
 from fastpref.errors import TrainingError
 from fastpref.families import family_of, get_objective
 from fastpref.families.base import Dist, EvalResult, batch_to_device
+from fastpref.ops.decoder import use_fused_decoder_ops
 from fastpref.ops.linear import use_onednn_linears
 from fastpref.paths import looks_local
 from fastpref.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -264,6 +265,7 @@ def train(cfg: TrainConfig) -> dict:
     model = task.build_model(dist)
     if dist.device.type == "cpu":  # nn.Linear's fp32 GEMMs in oneDNN (FASTPREF_LINEAR=aten: not)
         use_onednn_linears(model.module)
+        use_fused_decoder_ops(model.module)  # RMSNorm, SwiGLU (FASTPREF_DECODER_OPS=aten: not)
     if model.vocab is not None and len(task.tokenizer) > model.vocab:
         raise ConfigError(
             f"the tokenizer has {len(task.tokenizer)} tokens but the model embeds only "

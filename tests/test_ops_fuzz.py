@@ -360,3 +360,44 @@ def test_nan_relevance_in_the_padding_gives_finite_gradients(kind, backend):
         scores[:, :3], relevance[:, :3], kind=kind, backend="reference"
     )  # fmt: skip
     torch.testing.assert_close(loss, unpadded)
+
+
+# ---------------------------------------------------------------------------------------------
+# rms_norm and swiglu (fastpref.ops.decoder)
+
+
+@FUZZ
+@given(data=st.data())
+def test_decoder_ops_match_the_aten_formulas(data):
+    from fastpref.ops.decoder import rms_norm, swiglu
+
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    N = data.draw(st.sampled_from([0, 1, 3, 17]) | st.integers(0, 70))
+    D = data.draw(st.sampled_from([1, 15, 16, 255, 256, 257, 513]) | st.integers(1, 300))
+    dtype = DTYPES[data.draw(st.sampled_from(["float32", "bfloat16"]))]
+    scale = data.draw(st.sampled_from([1.0, 1e-3, 30.0]))
+    x = tensor(data, (N, D), dtype, scale, gen=gen).requires_grad_()
+    w = tensor(data, (1, D), dtype, gen=gen)[0].requires_grad_()
+    g = tensor(data, (N, D), dtype, gen=gen)
+    eps = data.draw(st.sampled_from([1e-6, 1e-5, 0.0]))
+    y = rms_norm(x, w, eps)
+    y.backward(g)
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    want = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    want.backward(g.double())
+    if not (N and eps == 0.0 and (x64 == 0).all(-1).any()):  # else 0/0 in both: no comparison
+        # y is O(|w|) whatever the scale of x; dx is O(1 / scale); dw sums N rows of O(1)
+        close(y, want, dtype, 1.0)
+        close(x.grad, x64.grad, dtype, 1.0 / scale)
+        close(w.grad, w64.grad, dtype, float(N))
+    gu = tensor(data, (N, 2 * D), dtype, scale, gen=gen).requires_grad_()
+    gh = tensor(data, (N, D), dtype, gen=gen)
+    out = swiglu(gu)
+    out.backward(gh)
+    gu64 = gu.detach().double().requires_grad_()
+    a, b = gu64.chunk(2, -1)
+    want = torch.nn.functional.silu(a) * b
+    want.backward(gh.double())
+    close(out, want, dtype, scale * scale)
+    close(gu.grad, gu64.grad, dtype, scale * scale)

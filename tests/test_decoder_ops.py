@@ -13,8 +13,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny_llama import assert_same_loss_and_grads, tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import fastpref.ops.decoder as fd
 from fastpref.ops import _native
@@ -163,25 +164,16 @@ def test_other_dtypes_and_the_switch_take_the_aten_formula(monkeypatch):
     assert "_RMSNorm" not in type(y.grad_fn).__name__
     assert torch.equal(y, fd._rms_norm_aten(x, w, 1e-6))
     monkeypatch.setenv("FASTPREF_DECODER_OPS", "aten")
-    assert use_fused_decoder_ops(_tiny_llama()) == 0
+    assert use_fused_decoder_ops(tiny_llama()) == 0
     assert rms_norm(torch.ones(2, 3), torch.ones(3)).grad_fn is None
     monkeypatch.setenv("FASTPREF_DECODER_OPS", "fast")
     with pytest.raises(ValueError, match="FASTPREF_DECODER_OPS must be 'native' or 'aten'"):
         fd.decoder_ops_enabled()
 
 
-def _tiny_llama():
-    config = LlamaConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
-
-
 @needs_native
 def test_swapped_tiny_llama_same_loss_grads_and_state_dict(tmp_path, monkeypatch):
-    plain = _tiny_llama()
+    plain = tiny_llama()
     fused = copy.deepcopy(plain)
     n = use_fused_decoder_ops(fused)
     assert n == 2 * 3 + 1  # two norms and the MLP per layer, and the final norm
@@ -189,16 +181,7 @@ def test_swapped_tiny_llama_same_loss_grads_and_state_dict(tmp_path, monkeypatch
     norms = [m for m in fused.modules() if isinstance(m, fd.FusedRMSNorm)]
     assert len(norms) == 5 and all(type(m).__name__ == "LlamaRMSNorm" for m in norms)
     assert list(fused.state_dict()) == list(plain.state_dict())
-    ids = torch.randint(0, 101, (3, 45), generator=torch.Generator().manual_seed(2))
-    losses = []
-    for model in (plain, fused):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    grads = {k: p.grad for k, p in plain.named_parameters()}
-    for k, p in fused.named_parameters():
-        torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-6, msg=k)
+    ids = assert_same_loss_and_grads(plain, fused)
     assert sum(isinstance(m, fd.FusedRMSNorm) for m in copy.deepcopy(fused).modules()) == 5
     with torch.no_grad():  # the switch, read at every call, gives back transformers' forward
         monkeypatch.setenv("FASTPREF_DECODER_OPS", "aten")

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny_llama import assert_same_loss_and_grads, tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import fastpref.ops.linear as fl
 from fastpref.ops import _native
@@ -178,33 +179,15 @@ def test_shape_errors():
         linear(torch.randn(3, 16), torch.randn(16))
 
 
-def _tiny_llama():
-    config = LlamaConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
-
-
 @needs_onednn
 def test_routed_tiny_llama_same_loss_grads_and_state_dict(tmp_path):
-    plain = _tiny_llama()
+    plain = tiny_llama()
     routed = copy.deepcopy(plain)
     n = use_onednn_linears(routed)
     assert n == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the lm_head
     assert all(isinstance(m, nn.Linear) for m in routed.modules() if isinstance(m, OneDNNLinear))
     assert list(routed.state_dict()) == list(plain.state_dict())
-    ids = torch.randint(0, 101, (3, 45), generator=torch.Generator().manual_seed(2))
-    losses = []
-    for model in (plain, routed):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    grads = {k: p.grad for k, p in plain.named_parameters()}
-    for k, p in routed.named_parameters():
-        torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert_same_loss_and_grads(plain, routed)
     # routing survives a copy (the in-pass reference) and saves as a plain Llama
     assert sum(isinstance(m, OneDNNLinear) for m in copy.deepcopy(routed).modules()) == n
     routed.save_pretrained(tmp_path)

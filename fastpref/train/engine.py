@@ -122,8 +122,7 @@ class ClippedAdamW(torch.optim.AdamW):
         coef = 1.0
         self.nonfinite = False
         if grads:
-            norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
-            norm = torch.linalg.vector_norm(torch.stack(norms))
+            norm = self._global_norm(grads)
             self._global_grad_norm = norm
             if not math.isfinite(float(norm)):  # a NaN/inf gradient: no update from it
                 self.nonfinite = True
@@ -150,6 +149,25 @@ class ClippedAdamW(torch.optim.AdamW):
                 if p in sparse:
                     self._sparse_rows_step(p, sparse[p], group, coef)
         return loss
+
+    def _global_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The float32 2-norm of all ``grads``. A large low-precision gradient is normed by
+        chunks widened into one reused buffer: ``_foreach_norm(..., dtype=float32)`` widens
+        each whole tensor into a fresh float32 copy first (at vocab 128k a 131 MB copy, first-
+        touched every step: 40 of the 67 ms of the bf16 optimizer step on the Zen 4 VM)."""
+        big = [g for g in grads if _low_precision(g) and g.is_contiguous() and
+               g.numel() > self.MASTER_CHUNK]  # fmt: skip
+        norms = list(torch._foreach_norm([g for g in grads if all(g is not b for b in big)],
+                                         2.0, dtype=torch.float32))  # fmt: skip
+        buf = None
+        for g in big:
+            flat = g.view(-1)
+            if buf is None:
+                buf = torch.empty(self.MASTER_CHUNK, dtype=torch.float32, device=g.device)
+            for a in range(0, flat.numel(), self.MASTER_CHUNK):
+                chunk = flat[a : a + self.MASTER_CHUNK]
+                norms.append(torch.linalg.vector_norm(buf[: chunk.numel()].copy_(chunk)))
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     def _master_step(self, params: list[torch.Tensor], group: dict, coef: float) -> None:
         """AdamW on the float32 masters of low-precision ``params``, then the parameters

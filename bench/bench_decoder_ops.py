@@ -3,16 +3,13 @@ transformers' ATen formulas, issue 18: the same modules, same process, interleav
 
 - **Ops**: RMSNorm fwd + bwd on ``[1624, 256]`` (the DPO step's packed rows x hidden) and
   SwiGLU fwd + bwd on ``[1624, 2 x 1024]`` (the fused gate/up output), float32 and bfloat16; the
-  ATen side is ``LlamaRMSNorm``'s lines and ``F.silu(gate) * up`` on the two halves. The q/k/v
-  projections of ``[1624, 256]`` as one GEMM over the concatenated weights against three, both
-  through ``fastpref.ops.linear`` (oneDNN), the outputs' gradient given in one piece.
+  ATen side is ``LlamaRMSNorm``'s lines and ``F.silu(gate) * up`` on the two halves.
 - **DPO step** (training part, no optimizer): the ``bench_onednn_linear`` case (tiny Llama of
   ``_common.LLAMA``, vocabulary 32000, 8 packed pairs, fused lm_head, backward) with its linears
   routed through oneDNN, its rows aligned to the padding and a row-sparse embedding gradient,
   as the trainer runs it; the norms
-  and MLPs (and, since the one q/k/v GEMM, the attentions) swapped once
-  (``use_fused_decoder_ops``) and ``FASTPREF_DECODER_OPS`` toggling the path per call (``aten``:
-  the modules' own forward, gate and up as two GEMMs, q, k and v as three).
+  and MLPs swapped once (``use_fused_decoder_ops``) and ``FASTPREF_DECODER_OPS`` toggling the
+  path per call (``aten``: the modules' own forward, gate and up as two GEMMs).
 
 Reported: median and min seconds, the ratio of medians. Results: ``results/decoder_ops.*``.
 
@@ -62,21 +59,9 @@ def _op_cases(dtype: torch.dtype):
         h.backward(gh)
         gu.grad = None
 
-    wq, wk, wv = (torch.randn(256, 256, generator=g).to(dtype).requires_grad_() for _ in "qkv")
-    gq = torch.randn(ROWS, 3 * 256, generator=g).to(dtype)
-
-    def qkv(native: bool):  # both sides through fastpref.ops.linear (oneDNN fp32)
-        if native:
-            out = fl.linear(x, torch.cat((wq, wk, wv)))
-        else:
-            out = torch.cat([fl.linear(x, w_) for w_ in (wq, wk, wv)], -1)
-        out.backward(gq)
-        x.grad = wq.grad = wk.grad = wv.grad = None
-
     name = str(dtype).removeprefix("torch.")
     return [(f"RMSNorm fwd+bwd [{ROWS}, 256] {name}", norm, OP_REPEATS),
-            (f"SwiGLU fwd+bwd [{ROWS}, 2 x 1024] {name}", mlp, OP_REPEATS),
-            (f"q/k/v fwd+bwd [{ROWS}, 256] x 3 [256, 256] {name}", qkv, OP_REPEATS)]  # fmt: skip
+            (f"SwiGLU fwd+bwd [{ROWS}, 2 x 1024] {name}", mlp, OP_REPEATS)]  # fmt: skip
 
 
 def _dpo_step_case():

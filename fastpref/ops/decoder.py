@@ -1,5 +1,4 @@
-"""A decoder layer's RMSNorm and SwiGLU on the CPU in one native pass each, forward and backward,
-and its q/k/v projections in one GEMM.
+"""A decoder layer's RMSNorm and SwiGLU on the CPU in one native pass each, forward and backward.
 
 transformers' ``LlamaRMSNorm`` is five ATen ops (``pow``, ``mean``, ``rsqrt``, two ``mul``) whose
 autograd backward is about nine more passes over ``[tokens, hidden]``, and ``LlamaMLP``'s
@@ -17,10 +16,6 @@ input. On the 2-core Zen 4 VM a tiny Llama's DPO step spent ~0.09 s a step on th
   run ``gate_proj`` and ``up_proj`` as one GEMM (``[N, D] @ [D, 2 I]``: at D = 256, I = 1024 on
   the 2-core Zen 4 the pair's forward took 8.1 ms fused against 11.7 ms as two GEMMs) and the
   op reads that ``[N, 2 I]`` output, so its backward hands the fused GEMMs their gradient.
-- The attention's q, k and v projections as one GEMM (``[N, D] @ [D, Dq + 2 Dkv]`` over their
-  concatenated weights, then the model's own attention forward on its slices): the three narrow
-  GEMMs read the same input three times (at D = 256 on the 2-core Zen 4 a layer's three took
-  4.6 ms forward against 3.0 ms as one); no formula of the attention changes.
 
 Both keep fp32 accumulation for bf16. Only the summation order differs from the ATen ops (the
 mean of squares, the row dot product of the backward): a rounding change of a few fp32 ulps,
@@ -37,21 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastpref.ops import _native
-from fastpref.ops.linear import OneDNNLinear, linear
+from fastpref.ops.linear import linear
 
-__all__ = [
-    "decoder_ops_enabled",
-    "fused_decoder_identity",
-    "rms_norm",
-    "swiglu",
-    "use_fused_decoder_ops",
-]
+__all__ = ["decoder_ops_enabled", "rms_norm", "swiglu", "use_fused_decoder_ops"]
 
 # transformers classes whose forward is exactly the formulas above (silu MLPs with gate/up/down)
 RMS_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
-# attention classes whose forward projects the same hidden states with q_proj, k_proj, v_proj
-ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
 
 
 def decoder_ops_enabled() -> bool:
@@ -165,48 +152,6 @@ class FusedSwiGLUMLP(nn.Module):
         return self.down_proj(swiglu(linear(x, weight, bias)))
 
 
-class FedProjection(nn.Module):
-    """Mixin forward for a q/k/v projection of a ``FusedQKVAttention``: while that attention's
-    forward runs it is handed its output, computed in the one q/k/v GEMM, and returns it when
-    called on the very tensor it was computed from (same object, unmodified); any other input
-    takes the layer's own forward."""
-
-    _fed: tuple[Tensor, int, Tensor] | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        fed = self._fed
-        if fed is not None and fed[0] is x and fed[1] == x._version:
-            self._fed = None  # one use: a second call on the same input computes again
-            return fed[2]
-        return super().forward(x)
-
-
-class FusedQKVAttention(nn.Module):
-    """Mixin forward for a matched attention: ``q_proj``, ``k_proj`` and ``v_proj`` as one GEMM
-    over their concatenated weights (``[N, D] @ [D, Dq + 2 Dkv]``: one pass over the hidden
-    states and one larger GEMM instead of three narrow ones; a weight copy per call), then the
-    model's own forward, whose three projection calls return their slices of it
-    (``FedProjection``). Nothing else of the attention (RoPE, q/k norms, the attention kernel,
-    the cache, ``o_proj``) changes; the slices are views of one output, so autograd hands the
-    fused GEMM their gradients."""
-
-    def forward(self, *args, **kwargs):
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0] if args else None
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        if not (decoder_ops_enabled() and isinstance(x, Tensor)):
-            return super().forward(*args, **kwargs)
-        weight = torch.cat([p.weight for p in projections])
-        bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
-        outputs = linear(x, weight, bias).split([p.out_features for p in projections], dim=-1)
-        try:
-            for p, out in zip(projections, outputs, strict=True):
-                p._fed = (x, x._version, out)
-            return super().forward(*args, **kwargs)
-        finally:
-            for p in projections:
-                p._fed = None  # nothing outlives the call (an unused slice, the input)
-
-
 _fused_classes: dict[tuple[type, type], type] = {}
 
 
@@ -228,25 +173,9 @@ def _is_silu_mlp(module: nn.Module) -> bool:
     )
 
 
-def _is_qkv_attention(module: nn.Module) -> bool:
-    projections = [getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj")]
-    if not all(type(p) in (nn.Linear, OneDNNLinear) for p in projections):
-        return False  # adapters (LoRA, ...) and quantised layers keep their own forward
-    p0 = projections[0]
-    return all(
-        p.in_features == p0.in_features
-        and (p.bias is None) == (p0.bias is None)
-        and p.weight.dtype == p0.weight.dtype
-        and p.weight.device == p0.weight.device
-        for p in projections
-    )
-
-
 def use_fused_decoder_ops(module: nn.Module) -> int:
     """Give every matched RMSNorm and SiLU MLP of ``module`` (``RMS_NORM_CLASSES``,
-    ``MLP_CLASSES``) the native ``rms_norm`` / ``swiglu`` forward and every matched attention
-    (``ATTENTION_CLASSES`` with plain q/k/v linears) its one q/k/v GEMM; returns how many
-    modules.
+    ``MLP_CLASSES``) the native ``rms_norm`` / ``swiglu`` forward; returns how many modules.
 
     The modules keep their objects, parameters, state_dict keys and hooks; their class becomes a
     subclass of their own (``isinstance`` still holds). 0 where ``decoder_ops_enabled()`` is
@@ -257,7 +186,7 @@ def use_fused_decoder_ops(module: nn.Module) -> int:
     swapped = 0
     for m in module.modules():
         name = type(m).__name__
-        if isinstance(m, FusedRMSNorm | FusedSwiGLUMLP | FusedQKVAttention):
+        if isinstance(m, FusedRMSNorm | FusedSwiGLUMLP):
             continue
         if name in RMS_NORM_CLASSES and hasattr(m, "variance_epsilon"):
             _swap(m, FusedRMSNorm)
@@ -265,17 +194,4 @@ def use_fused_decoder_ops(module: nn.Module) -> int:
         elif name in MLP_CLASSES and _is_silu_mlp(m):
             _swap(m, FusedSwiGLUMLP)
             swapped += 1
-        elif name in ATTENTION_CLASSES and _is_qkv_attention(m):
-            for n in ("q_proj", "k_proj", "v_proj"):
-                _swap(getattr(m, n), FedProjection)
-            _swap(m, FusedQKVAttention)
-            swapped += 1
     return swapped
-
-
-def fused_decoder_identity(module: nn.Module) -> str:
-    """Which fused forwards ``module`` runs (``"norm+mlp+qkv"``, ``""`` for none): a cache key
-    part for values that round differently with them (train/reference.py)."""
-    kinds = {FusedRMSNorm: "norm", FusedSwiGLUMLP: "mlp", FusedQKVAttention: "qkv"}
-    found = {kind for m in module.modules() for cls, kind in kinds.items() if isinstance(m, cls)}
-    return "+".join(k for k in kinds.values() if k in found)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fastpref.families.base import Dist, Task, batch_to_device, gather_objects
-from fastpref.ops.decoder import fused_decoder_identity, use_fused_decoder_ops
+from fastpref.ops.decoder import FusedRMSNorm, FusedSwiGLUMLP, use_fused_decoder_ops
 from fastpref.ops.linear import OneDNNLinear, use_onednn_linears
 
 __all__ = [
@@ -113,9 +113,8 @@ def prepare_reference(task: Task, splits: dict[str, list[dict]], cfg, dist: Dist
         use_fused_decoder_ops(scorer)
     if any(isinstance(m, OneDNNLinear) for m in scorer.modules()):
         identity += "|linear=onednn"  # its values round differently from nn.Linear's
-    fused = fused_decoder_identity(scorer)
-    if fused:
-        identity += f"|decoder={fused}"  # so do the native RMSNorm / SwiGLU / one q,k,v GEMM
+    if any(isinstance(m, FusedRMSNorm | FusedSwiGLUMLP) for m in scorer.modules()):
+        identity += "|decoder=native"  # so do the native RMSNorm / SwiGLU
     if cfg.ref_in_pass:
         task.use_reference("train", None, scorer)
         return None

@@ -99,16 +99,17 @@ struct DenormalsAreZero {
 #endif
 };
 
-// Converts the GEMM output tile to acc_t (a no-op view when they match).
+// Row i of a GEMM output tile as acc_t: the tile's own row when they match, else that row
+// widened into buf (one row, still in L1 for the row's math). Widening the whole tile first, as
+// the kernel did, wrote a bf16 [1024, 512] tile out as 2 MiB of fp32 -- twice a Zen 4 core's L2
+// -- and read it back from L3 a pass later. The same conversion, so the same values.
 template <typename scalar_t, typename acc_t>
-inline const acc_t* tile_as_acc(const at::Tensor& zt, at::Tensor& zacc, int64_t count) {
+inline const acc_t* row_as_acc(const scalar_t* tile, int64_t i, int64_t vt, acc_t* buf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return zt.const_data_ptr<acc_t>();
+    return tile + i * vt;
   } else {
-    const scalar_t* src = zt.const_data_ptr<scalar_t>();
-    acc_t* dst = zacc.data_ptr<acc_t>();
-    at::vec::convert(src, dst, count);
-    return dst;
+    at::vec::convert(tile + i * vt, buf, vt);
+    return buf;
   }
 }
 
@@ -322,7 +323,7 @@ void forward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tg
     DenormalsAreZero daz;
     const int64_t tile_elems = std::min(kRowBlock, Np) * std::min(kVocabTile, V);
     at::Tensor zt = at::empty({tile_elems}, H.options());
-    at::Tensor zacc = same ? zt : at::empty({tile_elems}, acc_opts);
+    std::vector<acc_t> widened(same ? 0 : kVocabTile);  // one row of a bf16 tile, as fp32
     for (int64_t task = task_begin; task < task_end; ++task) {
       acc_t* st = state.data_ptr<acc_t>() + task * 3 * N;
       acc_t *m = st, *s = st + N, *a = st + 2 * N;
@@ -343,13 +344,19 @@ void forward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& tg
             scalar_t* rest = kept.data_ptr<scalar_t>() + Nk * v0 + (r0 + nbp) * vt;
             std::fill(rest, rest + (Nk - r0 - nbp) * vt, scalar_t(0));
           }
-          // the mapped logits f go to the tile buffer (in place unless z is the kept buffer)
-          const acc_t* za = tile_as_acc<scalar_t, acc_t>(z, zacc, nb * vt);
-          acc_t* fa = zacc.data_ptr<acc_t>();
+          // the mapped logits f go to the scratch tile (in place unless z is the kept buffer)
+          // for fp32, to the widened row for bf16
+          const scalar_t* zs = z.const_data_ptr<scalar_t>();
           for (int64_t i = 0; i < nb; ++i) {
             const int64_t r = r0 + i;
-            acc_t* row = fa + i * vt;
-            acc_t tmax = map_row_max(za + i * vt, row, b ? b + v0 : nullptr, vt, o);
+            const acc_t* zrow = row_as_acc(zs, i, vt, widened.data());
+            acc_t* row;
+            if constexpr (same) {
+              row = zt.data_ptr<acc_t>() + i * vt;
+            } else {
+              row = widened.data();
+            }
+            acc_t tmax = map_row_max(zrow, row, b ? b + v0 : nullptr, vt, o);
             const int64_t c = tile_column(t[r], v0, vt);
             if (c >= 0) tf[r] = row[c];
             lse_update(row, vt, tmax, entropy, m[r], s[r], a[r]);
@@ -411,9 +418,8 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
     DenormalsAreZero daz;
     const int64_t tile_elems = std::min(kRowBlock, Np) * std::min(kVocabTile, V);
     at::Tensor zt = at::empty({tile_elems}, H.options());
-    at::Tensor zacc = same ? zt : at::empty({tile_elems}, acc_opts);
     at::Tensor gt = same ? zt : at::empty({tile_elems}, H.options());
-    std::vector<acc_t> scratch(same ? 0 : kVocabTile);
+    std::vector<acc_t> scratch(same ? 0 : kVocabTile), widened(same ? 0 : kVocabTile);
     at::Tensor dw_acc, dw_tmp, dh_tmp;
     if (!same && need_w && multi_block) {
       dw_acc = at::empty({std::min(kVocabTile, V), D}, acc_opts);
@@ -436,7 +442,7 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
             z = zt.narrow(0, 0, nbp * vt).view({nbp, vt});
             gemm(z, h_blk, w_tile.t());  // recompute the logits tile
           }
-          const acc_t* za = tile_as_acc<scalar_t, acc_t>(z, zacc, nb * vt);
+          const scalar_t* zs = z.const_data_ptr<scalar_t>();
           at::Tensor g = gt.narrow(0, 0, nbp * vt).view({nbp, vt});
           scalar_t* gp = g.data_ptr<scalar_t>();
           // padding rows: zero gradient, so they add nothing to dW (their dH rows are dropped)
@@ -444,7 +450,8 @@ void backward_impl(const at::Tensor& H, const at::Tensor& W, const at::Tensor& t
           for (int64_t i = 0; i < nb; ++i) {
             const int64_t r = r0 + i;
             const acc_t lser = ls[r];
-            grad_row<scalar_t, acc_t>(za + i * vt, b ? b + v0 : nullptr, vt, o,
+            grad_row<scalar_t, acc_t>(row_as_acc(zs, i, vt, widened.data()),
+                                      b ? b + v0 : nullptr, vt, o,
                                       tile_column(t[r], v0, vt), gl ? gl[r] : acc_t(0),
                                       entropy ? ge[r] : acc_t(0), lser,
                                       entropy ? lser - en[r] : acc_t(0), entropy,

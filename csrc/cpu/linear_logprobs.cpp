@@ -32,8 +32,8 @@
 //   and dW are accumulated in fp32 and rounded to bf16 once at the end.
 //
 // Memory bound (beyond inputs and outputs)
-//   per task: one [NB, VT] fp32 logits tile (fp32: 512 x 256; bf16: 1024 x 512, plus bf16
-//   copies), for bf16 with more than NB rows a [VT, D] fp32 dW accumulator, an [N, D] fp32 dH
+//   per task: one [NB, VT] logits tile in the input dtype (fp32: 512 x 256; bf16: 1024 x 512,
+//   and its gradient tile, each row widened to fp32 in a one-row buffer), for bf16 with more than NB rows a [VT, D] fp32 dW accumulator, an [N, D] fp32 dH
 //   partial (all but the first task for unpadded fp32; all for bf16) and 3 x N fp32 of row
 //   state; where the GEMMs go to oneDNN, a copy of H padded by < 64 zero rows (see Gemm):
 //   O(tile + N * D), never O(N * V) -- unless the caller asked for the kept logits, which are

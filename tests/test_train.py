@@ -411,6 +411,23 @@ def test_clipped_adamw_bf16_steps_float32_masters(max_norm, chunk, monkeypatch):
             assert torch.equal(p.detach(), q.detach().bfloat16())
 
 
+def test_clipped_adamw_norms_when_every_gradient_is_chunked(monkeypatch):
+    """Only large bf16 gradients (none left for ``_foreach_norm``): the chunked norm alone is
+    the global norm ``clip_grad_norm_`` gives on a float32 copy."""
+    from fastpref.train.engine import ClippedAdamW
+
+    monkeypatch.setattr(ClippedAdamW, "MASTER_CHUNK", 8)
+    torch.manual_seed(0)
+    low = [torch.randn(7, 5).bfloat16().requires_grad_(True)]
+    master = [low[0].detach().float().requires_grad_(True)]
+    ours = ClippedAdamW(low, max_grad_norm=0.05, lr=1e-2, fused=True)
+    low[0].grad = torch.randn(7, 5).bfloat16()
+    master[0].grad = low[0].grad.float()
+    norm = torch.nn.utils.clip_grad_norm_(master, 0.05)
+    ours.step()
+    torch.testing.assert_close(ours._global_grad_norm, norm)
+
+
 @pytest.mark.parametrize("weight_decay", [0.1, 0.0])
 @pytest.mark.parametrize("max_norm", [0.05, 1e6])
 def test_clipped_adamw_sparse_rows_equal_the_dense_update(max_norm, weight_decay, monkeypatch):

@@ -154,11 +154,13 @@ class ClippedAdamW(torch.optim.AdamW):
         """The float32 2-norm of all ``grads``. A large low-precision gradient is normed by
         chunks widened into one reused buffer: ``_foreach_norm(..., dtype=float32)`` widens
         each whole tensor into a fresh float32 copy first (at vocab 128k a 131 MB copy, first-
-        touched every step: 40 of the 67 ms of the bf16 optimizer step on the Zen 4 VM)."""
-        big = [g for g in grads if _low_precision(g) and g.is_contiguous() and
-               g.numel() > self.MASTER_CHUNK]  # fmt: skip
-        norms = list(torch._foreach_norm([g for g in grads if all(g is not b for b in big)],
-                                         2.0, dtype=torch.float32))  # fmt: skip
+        touched every step: about 35 of the 62-68 ms of the bf16 optimizer step on the Zen 4
+        VM)."""
+        small, big = [], []
+        for g in grads:
+            chunked = _low_precision(g) and g.is_contiguous() and g.numel() > self.MASTER_CHUNK
+            (big if chunked else small).append(g)
+        norms = list(torch._foreach_norm(small, 2.0, dtype=torch.float32)) if small else []
         buf = None
         for g in big:
             flat = g.view(-1)

@@ -33,12 +33,12 @@
 //
 // Memory bound (beyond inputs and outputs)
 //   per task: one [NB, VT] logits tile in the input dtype (fp32: 512 x 256; bf16: 1024 x 512,
-//   and its gradient tile, each row widened to fp32 in a one-row buffer), for bf16 with more than NB rows a [VT, D] fp32 dW accumulator, an [N, D] fp32 dH
-//   partial (all but the first task for unpadded fp32; all for bf16) and 3 x N fp32 of row
-//   state; where the GEMMs go to oneDNN, a copy of H padded by < 64 zero rows (see Gemm):
-//   O(tile + N * D), never O(N * V) -- unless the caller asked for the kept logits, which are
-//   exactly the (N + < 64 padding rows) x V GEMM outputs in the input dtype, and only when they
-//   fit the budget it gave.
+//   and its gradient tile, each row widened to fp32 in a one-row buffer), for bf16 with more
+//   than NB rows a [VT, D] fp32 dW accumulator, an [N, D] fp32 dH partial (all but the first
+//   task for unpadded fp32; all for bf16) and 3 x N fp32 of row state; where the GEMMs go to
+//   oneDNN, a copy of H padded by < 64 zero rows (see Gemm): O(tile + N * D), never O(N * V)
+//   -- unless the caller asked for the kept logits, which are exactly the (N + < 64 padding
+//   rows) x V GEMM outputs in the input dtype, and only when they fit the budget it gave.
 
 // The per-row math (logit map, online log-sum-exp, logit gradient) is in
 // csrc/include/fastpref/linear_logprobs_math.h, included first: it picks the SIMD capability.
